@@ -1,0 +1,395 @@
+//! Builds the server's components from a validated [`ServerConfig`], runs them, and drains them
+//! when the shutdown future completes.
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::authn::{
+    Authenticator, KubeTokenReviewer, StaticTokenAuthenticator, TokenCache,
+    TokenReviewAuthenticator,
+};
+use crate::config::{AuthnConfig, ServerConfig, ServingTls, SignerConfig};
+use crate::identity::LeafProfile;
+use crate::proto::IstioCertificateServiceServer;
+use crate::server::{
+    CaService, Durations, Readiness, ServingCertResolver, http_router, serving_config,
+};
+use crate::signer::{LocalSigner, SignRequest, Signer};
+use crate::telemetry::{CertLabels, ServerMetrics};
+use crate::trust::{self, TrustBundle};
+
+/// Lifetime of a self-issued serving certificate; it is renewed at half of it.
+const SERVING_TTL: Duration = Duration::from_secs(24 * 3600);
+/// Retry interval when renewing the serving certificate fails.
+const SERVING_RETRY: Duration = Duration::from_secs(30);
+/// A TLS handshake that takes longer than this is dropped.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a negative authentication result is cached.
+const NEGATIVE_CACHE_TTL: Duration = Duration::from_secs(2);
+/// How long one TokenReview may take.
+const TOKENREVIEW_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// The server could not start or failed while running.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AppError {
+    /// Loading the signer failed.
+    #[error("signer: {0}")]
+    Signer(#[from] crate::signer::SignerError),
+    /// The trust bundle is unusable.
+    #[error("trust bundle: {0}")]
+    Trust(#[from] crate::trust::TrustError),
+    /// The serving certificate is unusable.
+    #[error("serving TLS: {0}")]
+    Tls(String),
+    /// The authenticator could not be set up (kubeconfig, token file).
+    #[error("authentication setup: {0}")]
+    Authn(String),
+    /// A listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A server task failed.
+    #[error("server: {0}")]
+    Serve(String),
+}
+
+/// A started server.
+#[derive(Debug)]
+pub struct ServerHandle {
+    /// Bound gRPC address (useful with port 0).
+    pub grpc_addr: SocketAddr,
+    /// Bound HTTP probes/metrics address.
+    pub http_addr: SocketAddr,
+    /// The trust bundle PEM clients should trust.
+    pub root_pem: String,
+    task: JoinHandle<Result<(), AppError>>,
+}
+
+impl ServerHandle {
+    /// Waits until the server has drained after shutdown.
+    pub async fn wait(self) -> Result<(), AppError> {
+        self.task
+            .await
+            .map_err(|e| AppError::Serve(e.to_string()))?
+    }
+}
+
+/// Installs aws-lc-rs as the process-wide rustls provider (idempotent).
+pub fn install_crypto_provider() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}
+
+async fn build_authenticator(
+    cfg: &ServerConfig,
+    metrics: &ServerMetrics,
+) -> Result<Arc<dyn Authenticator>, AppError> {
+    match &cfg.authn {
+        AuthnConfig::StaticTokens(path) => {
+            tracing::warn!("using static token authentication: development only");
+            let a = StaticTokenAuthenticator::from_file(path, &cfg.trust_domain)
+                .map_err(|e| AppError::Authn(e.to_string()))?;
+            Ok(Arc::new(a))
+        }
+        AuthnConfig::TokenReview {
+            kubeconfig,
+            cache_ttl,
+        } => {
+            let kcfg = match kubeconfig {
+                Some(path) => {
+                    let kc = kube::config::Kubeconfig::read_from(path)
+                        .map_err(|e| AppError::Authn(e.to_string()))?;
+                    kube::Config::from_custom_kubeconfig(
+                        kc,
+                        &kube::config::KubeConfigOptions::default(),
+                    )
+                    .await
+                    .map_err(|e| AppError::Authn(e.to_string()))?
+                }
+                None => kube::Config::infer()
+                    .await
+                    .map_err(|e| AppError::Authn(e.to_string()))?,
+            };
+            let client =
+                kube::Client::try_from(kcfg).map_err(|e| AppError::Authn(e.to_string()))?;
+            let reviewer = Arc::new(KubeTokenReviewer::new(client, TOKENREVIEW_TIMEOUT));
+            Ok(Arc::new(TokenReviewAuthenticator::new(
+                reviewer,
+                cfg.audiences.clone(),
+                cfg.trust_domain.clone(),
+                TokenCache::new(*cache_ttl, NEGATIVE_CACHE_TTL),
+                metrics.clone(),
+            )))
+        }
+    }
+}
+
+/// Issues a serving certificate from `signer` for `hosts`: (chain PEM, key PEM, not_after).
+async fn issue_serving_cert(
+    signer: &dyn Signer,
+    hosts: &[String],
+) -> Result<(String, String, time::OffsetDateTime), AppError> {
+    let key = rcgen::KeyPair::generate().map_err(|e| AppError::Tls(e.to_string()))?;
+    let req = SignRequest {
+        profile: LeafProfile::Server {
+            hosts: hosts.to_vec(),
+            spiffe: None,
+        },
+        spki_der: rcgen::PublicKeyData::subject_public_key_info(&key),
+        ttl: SERVING_TTL,
+    };
+    let issued = signer.sign(req).await?;
+    let chain = crate::pem::join_pems(
+        std::iter::once(issued.leaf_pem.as_str())
+            .chain(issued.intermediates_pem.iter().map(String::as_str)),
+    );
+    Ok((chain, key.serialize_pem(), issued.not_after))
+}
+
+fn set_expiry(metrics: &ServerMetrics, cert: &'static str, at: time::OffsetDateTime) {
+    metrics
+        .cert_expiry
+        .get_or_create(&CertLabels { cert })
+        .set(at.unix_timestamp());
+}
+
+/// Renews a self-issued serving certificate at half its lifetime until shutdown.
+async fn renew_serving_cert(
+    signer: Arc<dyn Signer>,
+    hosts: Vec<String>,
+    resolver: Arc<ServingCertResolver>,
+    metrics: ServerMetrics,
+    mut not_after: time::OffsetDateTime,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let remaining = (not_after - time::OffsetDateTime::now_utc()).max(time::Duration::ZERO);
+        let wait = Duration::try_from(remaining / 2).unwrap_or(SERVING_RETRY);
+        tokio::select! {
+            _ = shutdown.wait_for(|s| *s) => return,
+            _ = tokio::time::sleep(wait) => {}
+        }
+        match issue_serving_cert(signer.as_ref(), &hosts).await {
+            Ok((chain, key, new_not_after)) => match resolver.replace(&chain, &key) {
+                Ok(()) => {
+                    not_after = new_not_after;
+                    set_expiry(&metrics, "serving", not_after);
+                    tracing::info!(%not_after, "renewed serving certificate");
+                }
+                Err(e) => tracing::error!(error = %e, "renewed serving certificate unusable"),
+            },
+            Err(e) => {
+                tracing::error!(error = %e, "serving certificate renewal failed; retrying");
+                tokio::select! {
+                    _ = shutdown.wait_for(|s| *s) => return,
+                    _ = tokio::time::sleep(SERVING_RETRY) => {}
+                }
+            }
+        }
+    }
+}
+
+/// Accepts TCP connections and completes TLS handshakes concurrently, feeding finished streams
+/// to the gRPC server. Stops at shutdown.
+async fn accept_tls(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    tx: mpsc::Sender<Result<TlsStream<TcpStream>, std::io::Error>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = shutdown.wait_for(|s| *s) => return,
+            accepted = listener.accept() => accepted,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                let acceptor = acceptor.clone();
+                let tx = tx.clone();
+                tokio::spawn(async move {
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
+                        Ok(Ok(tls)) => {
+                            let _ = tx.send(Ok(tls)).await;
+                        }
+                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    }
+                });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    }
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, AppError> {
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| AppError::Bind { addr, source })
+}
+
+/// Starts the server described by `cfg`; it drains and stops when `shutdown` completes.
+///
+/// Everything that can fail at startup (CA files, trust bundle, kubeconfig, serving certificate,
+/// listeners) fails here, before the handle is returned.
+pub async fn start_server(
+    cfg: ServerConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<ServerHandle, AppError> {
+    install_crypto_provider();
+    let metrics = ServerMetrics::new();
+    let signer: Arc<dyn Signer> = Arc::new(match &cfg.signer {
+        SignerConfig::Files(files) => LocalSigner::from_files(files)?,
+        SignerConfig::GeneratedDir(dir) => LocalSigner::load_or_generate(dir, &cfg.trust_domain)?,
+    });
+    let bundle = TrustBundle::from_pem(&signer.trust_anchors_pem().concat())?;
+    if let Some(at) = bundle.earliest_expiry() {
+        set_expiry(&metrics, "root", at);
+    }
+    let root_pem = bundle.pem().to_owned();
+    let (trust_tx, trust_rx) = trust::channel(bundle);
+    let authn = build_authenticator(&cfg, &metrics).await?;
+
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let mut renewal = None;
+    let resolver = match &cfg.tls {
+        ServingTls::Files { cert, key } => {
+            let read = |p: &std::path::Path| {
+                std::fs::read_to_string(p)
+                    .map_err(|e| AppError::Tls(format!("{}: {e}", p.display())))
+            };
+            Arc::new(
+                ServingCertResolver::from_pem(&read(cert)?, &read(key)?)
+                    .map_err(|e| AppError::Tls(e.to_string()))?,
+            )
+        }
+        ServingTls::SelfIssued { hosts } => {
+            let (chain, key, not_after) = issue_serving_cert(signer.as_ref(), hosts).await?;
+            set_expiry(&metrics, "serving", not_after);
+            let resolver = Arc::new(
+                ServingCertResolver::from_pem(&chain, &key)
+                    .map_err(|e| AppError::Tls(e.to_string()))?,
+            );
+            renewal = Some(renew_serving_cert(
+                signer.clone(),
+                hosts.clone(),
+                resolver.clone(),
+                metrics.clone(),
+                not_after,
+                shutdown_rx.clone(),
+            ));
+            resolver
+        }
+    };
+    let tls = serving_config(resolver).map_err(|e| AppError::Tls(e.to_string()))?;
+
+    let grpc_listener = bind(cfg.listen).await?;
+    let http_listener = bind(cfg.http_listen).await?;
+    let grpc_addr = grpc_listener
+        .local_addr()
+        .map_err(|source| AppError::Bind {
+            addr: cfg.listen,
+            source,
+        })?;
+    let http_addr = http_listener
+        .local_addr()
+        .map_err(|source| AppError::Bind {
+            addr: cfg.http_listen,
+            source,
+        })?;
+
+    let ca = CaService::new(
+        authn,
+        signer.clone(),
+        trust_rx,
+        Durations {
+            default: cfg.default_ttl,
+            max: cfg.max_ttl,
+        },
+        cfg.cluster_id.clone(),
+        cfg.trust_domain.clone(),
+        None,
+        metrics.clone(),
+    );
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<IstioCertificateServiceServer<CaService>>()
+        .await;
+
+    let readiness = Readiness::default();
+    let metrics_fn: Arc<dyn Fn() -> String + Send + Sync> = {
+        let m = metrics.clone();
+        Arc::new(move || m.encode())
+    };
+    let router = http_router(readiness.clone(), metrics_fn);
+
+    tokio::spawn({
+        let tx = shutdown_tx.clone();
+        async move {
+            shutdown.await;
+            let _ = tx.send(true);
+        }
+    });
+
+    let (conn_tx, conn_rx) = mpsc::channel(256);
+    let acceptor = TlsAcceptor::from(tls);
+    let task = tokio::spawn(async move {
+        let _keep_trust_sender = trust_tx;
+        let accept = tokio::spawn(accept_tls(
+            grpc_listener,
+            acceptor,
+            conn_tx,
+            shutdown_rx.clone(),
+        ));
+        if let Some(r) = renewal {
+            tokio::spawn(r);
+        }
+        let mut grpc_stop = shutdown_rx.clone();
+        let grpc = tonic::transport::Server::builder()
+            .add_service(health_service)
+            .add_service(IstioCertificateServiceServer::new(ca))
+            .serve_with_incoming_shutdown(ReceiverStream::new(conn_rx), async move {
+                let _ = grpc_stop.wait_for(|s| *s).await;
+            });
+        let mut http_stop = shutdown_rx.clone();
+        let http = axum::serve(http_listener, router).with_graceful_shutdown(async move {
+            let _ = http_stop.wait_for(|s| *s).await;
+        });
+        readiness.set(true);
+        tracing::info!(%grpc_addr, %http_addr, signer = signer.name(), "meshid server ready");
+        let mut not_ready = shutdown_rx.clone();
+        tokio::spawn(async move {
+            let _ = not_ready.wait_for(|s| *s).await;
+            readiness.set(false);
+        });
+        let (grpc_res, http_res) = tokio::join!(grpc, http.into_future());
+        accept.abort();
+        grpc_res.map_err(|e| AppError::Serve(e.to_string()))?;
+        http_res.map_err(|e| AppError::Serve(e.to_string()))?;
+        tracing::info!("meshid server stopped");
+        Ok(())
+    });
+    Ok(ServerHandle {
+        grpc_addr,
+        http_addr,
+        root_pem,
+        task,
+    })
+}

@@ -1,0 +1,163 @@
+//! SPIFFE IDs of the form `spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>`.
+
+use std::fmt;
+
+/// A SPIFFE ID could not be built or parsed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum IdentityError {
+    /// The string does not start with `spiffe://`.
+    #[error("not a spiffe:// URI")]
+    NotSpiffe,
+    /// The trust domain is empty or has characters SPIFFE does not allow.
+    #[error("invalid trust domain")]
+    InvalidTrustDomain,
+    /// The path is not `/ns/<ns>/sa/<sa>` with non-empty DNS-label-like segments.
+    #[error("path is not /ns/<namespace>/sa/<service-account>")]
+    InvalidPath,
+}
+
+/// A Kubernetes workload identity in SPIFFE form.
+#[derive(Clone, PartialEq, Eq, Hash)]
+pub struct SpiffeId {
+    trust_domain: String,
+    namespace: String,
+    service_account: String,
+}
+
+fn valid_trust_domain(td: &str) -> bool {
+    !td.is_empty()
+        && td.len() <= 255
+        && td
+            .bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b"-._".contains(&b))
+}
+
+/// Kubernetes names: namespaces are DNS labels, service accounts DNS subdomains.
+fn valid_k8s_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 253
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        && !s.starts_with(['-', '.'])
+        && !s.ends_with(['-', '.'])
+}
+
+impl SpiffeId {
+    /// The identity of service account `sa` in namespace `ns` under `trust_domain`.
+    ///
+    /// Errors: [`IdentityError::InvalidTrustDomain`], [`IdentityError::InvalidPath`].
+    pub fn for_service_account(
+        trust_domain: &str,
+        ns: &str,
+        sa: &str,
+    ) -> Result<Self, IdentityError> {
+        if !valid_trust_domain(trust_domain) {
+            return Err(IdentityError::InvalidTrustDomain);
+        }
+        if !valid_k8s_name(ns) || !valid_k8s_name(sa) {
+            return Err(IdentityError::InvalidPath);
+        }
+        Ok(Self {
+            trust_domain: trust_domain.to_owned(),
+            namespace: ns.to_owned(),
+            service_account: sa.to_owned(),
+        })
+    }
+
+    /// Parses `spiffe://<td>/ns/<ns>/sa/<sa>`; any other shape is an error.
+    pub fn parse(uri: &str) -> Result<Self, IdentityError> {
+        let rest = uri
+            .strip_prefix("spiffe://")
+            .ok_or(IdentityError::NotSpiffe)?;
+        let (td, path) = rest.split_once('/').ok_or(IdentityError::InvalidPath)?;
+        let mut parts = path.split('/');
+        match (
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+            parts.next(),
+        ) {
+            (Some("ns"), Some(ns), Some("sa"), Some(sa), None) => {
+                Self::for_service_account(td, ns, sa)
+            }
+            _ => Err(IdentityError::InvalidPath),
+        }
+    }
+
+    /// The trust domain, e.g. `cluster.local`.
+    pub fn trust_domain(&self) -> &str {
+        &self.trust_domain
+    }
+
+    /// The Kubernetes namespace.
+    pub fn namespace(&self) -> &str {
+        &self.namespace
+    }
+
+    /// The Kubernetes service account name.
+    pub fn service_account(&self) -> &str {
+        &self.service_account
+    }
+}
+
+impl fmt::Display for SpiffeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "spiffe://{}/ns/{}/sa/{}",
+            self.trust_domain, self.namespace, self.service_account
+        )
+    }
+}
+
+impl fmt::Debug for SpiffeId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "SpiffeId({self})")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_service_account_identity_formats_as_a_spiffe_uri() {
+        let id = SpiffeId::for_service_account("cluster.local", "default", "web").unwrap();
+        assert_eq!(id.to_string(), "spiffe://cluster.local/ns/default/sa/web");
+        assert_eq!(SpiffeId::parse(&id.to_string()).unwrap(), id);
+    }
+
+    #[test]
+    fn malformed_spiffe_uris_are_rejected_with_a_reason() {
+        let cases = [
+            ("https://cluster.local/ns/a/sa/b", IdentityError::NotSpiffe),
+            ("spiffe://cluster.local", IdentityError::InvalidPath),
+            (
+                "spiffe://cluster.local/ns/a/sa/b/extra",
+                IdentityError::InvalidPath,
+            ),
+            (
+                "spiffe://cluster.local/ns//sa/b",
+                IdentityError::InvalidPath,
+            ),
+            (
+                "spiffe://cluster.local/sa/b/ns/a",
+                IdentityError::InvalidPath,
+            ),
+            (
+                "spiffe://Cluster.Local/ns/a/sa/b",
+                IdentityError::InvalidTrustDomain,
+            ),
+            ("spiffe:///ns/a/sa/b", IdentityError::InvalidTrustDomain),
+            (
+                "spiffe://cluster.local/ns/A/sa/b",
+                IdentityError::InvalidPath,
+            ),
+        ];
+        for (uri, want) in cases {
+            assert_eq!(SpiffeId::parse(uri), Err(want), "{uri}");
+        }
+    }
+}

@@ -1,0 +1,23 @@
+//! meshid: an mTLS certificate authority for service meshes.
+//!
+//! One binary, two roles:
+//! - `meshid server` speaks Istio's CA API (`istio.v1.auth.IstioCertificateService`),
+//!   authenticates callers with Kubernetes TokenReview, checks each CSR against the caller's
+//!   identity and issues short-lived SPIFFE X.509 SVIDs through a pluggable [`signer::Signer`].
+//! - `meshid agent` obtains an SVID from such a server and serves it to Envoy over SDS.
+//!
+//! See `docs/ARCHITECTURE.md` for the path of one CreateCertificate through these modules.
+#![forbid(unsafe_code)]
+
+pub mod agent;
+pub mod app;
+pub mod authn;
+pub mod config;
+pub mod identity;
+pub mod pem;
+pub mod proto;
+pub mod quickstart;
+pub mod server;
+pub mod signer;
+pub mod telemetry;
+pub mod trust;

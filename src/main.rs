@@ -1,0 +1,80 @@
+//! The `meshid` binary: parse the command line, set up logging, run one role until SIGTERM.
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use meshid::config::ServerArgs;
+use meshid::quickstart::QuickstartArgs;
+use meshid::telemetry::{LogFormat, init_logging};
+
+/// meshid: an mTLS certificate authority for service meshes.
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Serve Istio's CA API (CreateCertificate) with TokenReview authentication.
+    Server(Box<ServerArgs>),
+    /// Run a local CA and one real certificate round trip, then print the certificate.
+    Quickstart(QuickstartArgs),
+}
+
+/// Completes on SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let mut term =
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(s) => s,
+                Err(_) => {
+                    let _ = ctrl_c.await;
+                    return;
+                }
+            };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = ctrl_c.await;
+    tracing::info!("shutdown signal received; draining");
+}
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result: anyhow::Result<()> = match cli.command {
+        Command::Server(args) => run_server(*args).await,
+        Command::Quickstart(args) => {
+            init_logging(LogFormat::Text, "error");
+            match meshid::quickstart::run(args).await {
+                Ok(summary) => {
+                    print!("{summary}");
+                    Ok(())
+                }
+                Err(e) => Err(e.into()),
+            }
+        }
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("meshid: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
+    let cfg = args.resolve()?;
+    init_logging(cfg.log_format, "info");
+    let handle = meshid::app::start_server(cfg, shutdown_signal()).await?;
+    handle.wait().await?;
+    Ok(())
+}

@@ -1,0 +1,88 @@
+//! Small PEM helpers shared by the signer, trust bundle and agent.
+
+use rustls_pki_types::CertificateDer;
+use rustls_pki_types::pem::PemObject;
+
+/// A PEM input could not be decoded.
+#[derive(Debug, thiserror::Error)]
+pub enum PemError {
+    /// No `CERTIFICATE` block was found.
+    #[error("no PEM certificate found")]
+    NoCertificates,
+    /// A block was present but not valid PEM/base64.
+    #[error("invalid PEM: {0}")]
+    Invalid(String),
+}
+
+/// Parses every `CERTIFICATE` block in `pem`, in order. Fails when there is none.
+pub fn parse_certs(pem: &str) -> Result<Vec<CertificateDer<'static>>, PemError> {
+    let certs = CertificateDer::pem_slice_iter(pem.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| PemError::Invalid(e.to_string()))?;
+    if certs.is_empty() {
+        return Err(PemError::NoCertificates);
+    }
+    Ok(certs)
+}
+
+/// Encodes one DER certificate as PEM (with a trailing newline).
+pub fn cert_to_pem(der: &[u8]) -> String {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut out = String::with_capacity(b64.len() + 64);
+    out.push_str("-----BEGIN CERTIFICATE-----\n");
+    for chunk in b64.as_bytes().chunks(64) {
+        // base64 output is ASCII, so every chunk is valid UTF-8.
+        out.push_str(std::str::from_utf8(chunk).unwrap_or_default());
+        out.push('\n');
+    }
+    out.push_str("-----END CERTIFICATE-----\n");
+    out
+}
+
+/// Joins PEM documents so that each starts on its own line, even when one lacks a trailing
+/// newline (AWS PCA and moto return such PEMs).
+pub fn join_pems<'a>(parts: impl IntoIterator<Item = &'a str>) -> String {
+    let mut out = String::new();
+    for part in parts {
+        let part = part.trim();
+        if part.is_empty() {
+            continue;
+        }
+        out.push_str(part);
+        out.push('\n');
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn joining_pems_without_trailing_newlines_keeps_blocks_apart() {
+        let a = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----";
+        let joined = join_pems([a, a]);
+        assert_eq!(joined.matches("-----END CERTIFICATE-----\n").count(), 2);
+        assert!(!joined.contains("----------"));
+    }
+
+    #[test]
+    fn a_pem_without_certificates_is_rejected() {
+        assert!(matches!(
+            parse_certs("hello"),
+            Err(PemError::NoCertificates)
+        ));
+    }
+
+    #[test]
+    fn a_certificate_round_trips_through_pem() {
+        let key = rcgen::KeyPair::generate().expect("key");
+        let cert = rcgen::CertificateParams::default()
+            .self_signed(&key)
+            .expect("cert");
+        let pem = cert_to_pem(cert.der());
+        let back = parse_certs(&pem).expect("parse");
+        assert_eq!(back[0].as_ref(), cert.der().as_ref());
+    }
+}

@@ -1,0 +1,332 @@
+//! `IstioCertificateService/CreateCertificate`: authenticate → authorize the identity → check
+//! the CSR → clamp the lifetime → sign → verify the chain against the current roots → respond.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use prost_types::value::Kind;
+use time::OffsetDateTime;
+use tokio::sync::watch;
+use tonic::metadata::MetadataMap;
+use tonic::{Request, Response, Status};
+use tracing::Instrument;
+
+use super::Rejection;
+use crate::authn::{Authenticator, AuthnError, Caller};
+use crate::identity::{LeafProfile, SpiffeId, check_csr};
+use crate::pem::parse_certs;
+use crate::proto::{IstioCertificateRequest, IstioCertificateResponse, IstioCertificateService};
+use crate::signer::{BoxFuture, SignRequest, Signer};
+use crate::telemetry::{OutcomeLabels, ServerMetrics};
+use crate::trust::TrustBundle;
+
+/// Metadata key ztunnel uses to ask for a certificate on behalf of a workload on its node.
+pub const IMPERSONATED_IDENTITY: &str = "ImpersonatedIdentity";
+
+/// Certificate lifetimes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Durations {
+    /// Used when the caller requests zero or a negative lifetime.
+    pub default: Duration,
+    /// Upper bound on any lifetime.
+    pub max: Duration,
+}
+
+impl Durations {
+    /// `min(requested, max)`; `requested <= 0` gives the default.
+    pub fn clamp(&self, requested_secs: i64) -> Duration {
+        match u64::try_from(requested_secs) {
+            Ok(secs) if secs > 0 => Duration::from_secs(secs).min(self.max),
+            _ => self.default.min(self.max),
+        }
+    }
+}
+
+/// Decides whether an authenticated caller (ztunnel) may obtain a certificate for `target`.
+/// Lives here because the handler consumes it; the Kubernetes node authorizer implements it.
+pub trait ImpersonationAuthorizer: Send + Sync {
+    /// `Ok(())` to allow; `Err(reason)` to deny (the reason is logged, not returned).
+    fn authorize<'a>(
+        &'a self,
+        caller: &'a Caller,
+        target: &'a SpiffeId,
+    ) -> BoxFuture<'a, Result<(), String>>;
+}
+
+struct Inner {
+    authn: Arc<dyn Authenticator>,
+    signer: Arc<dyn Signer>,
+    trust: watch::Receiver<Arc<TrustBundle>>,
+    durations: Durations,
+    cluster_id: String,
+    trust_domain: String,
+    impersonation: Option<Arc<dyn ImpersonationAuthorizer>>,
+    metrics: ServerMetrics,
+}
+
+/// The CreateCertificate service. Cheap to clone.
+#[derive(Clone)]
+pub struct CaService {
+    inner: Arc<Inner>,
+}
+
+struct Issued {
+    chain: Vec<String>,
+    identity: SpiffeId,
+    caller: String,
+    serial: String,
+    not_after: OffsetDateTime,
+}
+
+impl CaService {
+    /// Builds the service. `impersonation` of `None` refuses every `ImpersonatedIdentity`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        authn: Arc<dyn Authenticator>,
+        signer: Arc<dyn Signer>,
+        trust: watch::Receiver<Arc<TrustBundle>>,
+        durations: Durations,
+        cluster_id: String,
+        trust_domain: String,
+        impersonation: Option<Arc<dyn ImpersonationAuthorizer>>,
+        metrics: ServerMetrics,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                authn,
+                signer,
+                trust,
+                durations,
+                cluster_id,
+                trust_domain,
+                impersonation,
+                metrics,
+            }),
+        }
+    }
+
+    async fn issue(
+        &self,
+        metadata: &MetadataMap,
+        req: &IstioCertificateRequest,
+    ) -> Result<Issued, Rejection> {
+        let inner = &self.inner;
+        let token = bearer_token(metadata)?;
+        check_cluster_id(metadata, &inner.cluster_id)?;
+        let caller = inner.authn.authenticate(token).await?;
+        let identity = self.target_identity(&caller, req).await?;
+        let csr = check_csr(&req.csr, &identity)?;
+        let ttl = inner.durations.clamp(req.validity_duration);
+        let issued = inner
+            .signer
+            .sign(SignRequest {
+                profile: LeafProfile::Workload(identity.clone()),
+                spki_der: csr.spki_der,
+                ttl,
+            })
+            .await?;
+        let bundle = inner.trust.borrow().clone();
+        let mut ders = parse_certs(&issued.leaf_pem)
+            .map_err(|_| crate::trust::TrustError::Malformed { index: 0 })?;
+        for pem in &issued.intermediates_pem {
+            ders.extend(
+                parse_certs(pem)
+                    .map_err(|_| crate::trust::TrustError::Malformed { index: ders.len() })?,
+            );
+        }
+        bundle.verify_chain(&ders, OffsetDateTime::now_utc())?;
+        let mut chain = Vec::with_capacity(issued.intermediates_pem.len() + 2);
+        chain.push(issued.leaf_pem);
+        chain.extend(issued.intermediates_pem);
+        chain.push(bundle.pem().to_owned());
+        Ok(Issued {
+            chain,
+            identity,
+            caller: caller.identity.to_string(),
+            serial: issued.serial_hex,
+            not_after: issued.not_after,
+        })
+    }
+
+    /// The identity to certify: the caller's own, or an impersonated one if authorized.
+    async fn target_identity(
+        &self,
+        caller: &Caller,
+        req: &IstioCertificateRequest,
+    ) -> Result<SpiffeId, Rejection> {
+        let requested = req
+            .metadata
+            .as_ref()
+            .and_then(|m| m.fields.get(IMPERSONATED_IDENTITY))
+            .map(|v| &v.kind);
+        let target = match requested {
+            None => return Ok(caller.identity.clone()),
+            Some(Some(Kind::StringValue(s))) if s.is_empty() => return Ok(caller.identity.clone()),
+            Some(Some(Kind::StringValue(s))) => s,
+            Some(_) => {
+                return Err(Rejection::ImpersonationDenied(
+                    "ImpersonatedIdentity is not a string".into(),
+                ));
+            }
+        };
+        let target = SpiffeId::parse(target)
+            .map_err(|e| Rejection::ImpersonationDenied(format!("ImpersonatedIdentity: {e}")))?;
+        if target.trust_domain() != self.inner.trust_domain {
+            return Err(Rejection::ImpersonationDenied(
+                "foreign trust domain".into(),
+            ));
+        }
+        if target == caller.identity {
+            return Ok(target);
+        }
+        let Some(authz) = &self.inner.impersonation else {
+            return Err(Rejection::ImpersonationDenied(
+                "impersonation is not enabled".into(),
+            ));
+        };
+        authz
+            .authorize(caller, &target)
+            .await
+            .map_err(Rejection::ImpersonationDenied)?;
+        Ok(target)
+    }
+}
+
+fn bearer_token(metadata: &MetadataMap) -> Result<&str, Rejection> {
+    let value = metadata
+        .get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .ok_or(AuthnError::MissingToken)?;
+    let (scheme, token) = value
+        .trim()
+        .split_once(' ')
+        .ok_or(AuthnError::MissingToken)?;
+    let token = token.trim();
+    if !scheme.eq_ignore_ascii_case("bearer") || token.is_empty() {
+        return Err(AuthnError::MissingToken.into());
+    }
+    Ok(token)
+}
+
+fn check_cluster_id(metadata: &MetadataMap, expected: &str) -> Result<(), Rejection> {
+    match metadata
+        .get("clusterid")
+        .map(|v| v.to_str().unwrap_or("\u{fffd}"))
+    {
+        None | Some("") => Ok(()),
+        Some(got) if got == expected => Ok(()),
+        Some(got) => Err(Rejection::ClusterMismatch {
+            got: got.to_owned(),
+        }),
+    }
+}
+
+#[tonic::async_trait]
+impl IstioCertificateService for CaService {
+    async fn create_certificate(
+        &self,
+        request: Request<IstioCertificateRequest>,
+    ) -> Result<Response<IstioCertificateResponse>, Status> {
+        let started = Instant::now();
+        let peer = request
+            .remote_addr()
+            .map(|a| a.to_string())
+            .unwrap_or_default();
+        let span = tracing::info_span!("CreateCertificate", %peer);
+        let (metadata, _, req) = request.into_parts();
+        let result = self.issue(&metadata, &req).instrument(span.clone()).await;
+        let _enter = span.enter();
+        let metrics = &self.inner.metrics;
+        match result {
+            Ok(issued) => {
+                let latency = started.elapsed();
+                metrics
+                    .requests
+                    .get_or_create(&OutcomeLabels {
+                        outcome: "issued",
+                        reason: "none",
+                    })
+                    .inc();
+                metrics.issuance_seconds.observe(latency.as_secs_f64());
+                tracing::info!(
+                    target: "meshid::audit",
+                    identity = %issued.identity,
+                    serial = %issued.serial,
+                    not_after = %issued.not_after,
+                    signer = self.inner.signer.name(),
+                    caller = %issued.caller,
+                    latency_us = latency.as_micros() as u64,
+                    "certificate issued"
+                );
+                Ok(Response::new(IstioCertificateResponse {
+                    cert_chain: issued.chain,
+                }))
+            }
+            Err(rejection) => {
+                let reason = rejection.reason();
+                metrics
+                    .requests
+                    .get_or_create(&OutcomeLabels {
+                        outcome: "rejected",
+                        reason,
+                    })
+                    .inc();
+                tracing::warn!(target: "meshid::audit", reason, detail = %rejection, "certificate request rejected");
+                Err(rejection.to_status())
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requested_lifetimes_are_clamped_and_non_positive_ones_get_the_default() {
+        let d = Durations {
+            default: Duration::from_secs(100),
+            max: Duration::from_secs(1000),
+        };
+        assert_eq!(d.clamp(0), Duration::from_secs(100));
+        assert_eq!(d.clamp(-5), Duration::from_secs(100));
+        assert_eq!(d.clamp(500), Duration::from_secs(500));
+        assert_eq!(d.clamp(5000), Duration::from_secs(1000));
+        assert_eq!(d.clamp(i64::MAX), Duration::from_secs(1000));
+    }
+
+    fn md(pairs: &[(&'static str, &str)]) -> MetadataMap {
+        let mut m = MetadataMap::new();
+        for (k, v) in pairs {
+            m.insert(*k, v.parse().unwrap());
+        }
+        m
+    }
+
+    #[test]
+    fn only_a_well_formed_bearer_header_yields_a_token() {
+        assert_eq!(
+            bearer_token(&md(&[("authorization", "Bearer abc")])).unwrap(),
+            "abc"
+        );
+        assert_eq!(
+            bearer_token(&md(&[("authorization", "bearer  abc ")])).unwrap(),
+            "abc"
+        );
+        for bad in ["Basic abc", "Bearer", "Bearer ", "abc"] {
+            assert!(
+                bearer_token(&md(&[("authorization", bad)])).is_err(),
+                "{bad}"
+            );
+        }
+        assert!(bearer_token(&md(&[])).is_err());
+    }
+
+    #[test]
+    fn the_cluster_id_must_match_or_be_empty() {
+        assert!(check_cluster_id(&md(&[]), "c1").is_ok());
+        assert!(check_cluster_id(&md(&[("clusterid", "")]), "c1").is_ok());
+        assert!(check_cluster_id(&md(&[("clusterid", "c1")]), "c1").is_ok());
+        assert!(check_cluster_id(&md(&[("clusterid", "c2")]), "c1").is_err());
+    }
+}

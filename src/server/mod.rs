@@ -1,0 +1,12 @@
+//! The gRPC server: the CreateCertificate handler, its rejections, serving TLS and the HTTP
+//! probes/metrics endpoint.
+
+mod ca_service;
+mod http;
+mod rejection;
+mod tls;
+
+pub use ca_service::{CaService, Durations, ImpersonationAuthorizer};
+pub use http::{Readiness, http_router};
+pub use rejection::Rejection;
+pub use tls::{ServingCertResolver, TlsError, serving_config};

@@ -1,0 +1,371 @@
+//! The local signer: a CA key and certificate held in process memory.
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, IsCa, Issuer, KeyPair,
+    KeyUsagePurpose, PublicKeyData, SubjectPublicKeyInfo,
+};
+use time::OffsetDateTime;
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+use super::{BoxFuture, IssuedChain, SignRequest, Signer, SignerError};
+use crate::identity::{leaf_params, random_serial};
+use crate::pem::{cert_to_pem, parse_certs};
+
+/// File names used in a self-generated CA directory.
+const ROOT_CERT_FILE: &str = "root-cert.pem";
+const ROOT_KEY_FILE: &str = "root-key.pem";
+/// Lifetime of a self-generated root.
+const GENERATED_ROOT_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+/// Paths of an operator-provided CA.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalSignerFiles {
+    /// The signing CA certificate (PEM).
+    pub ca_cert: PathBuf,
+    /// The signing CA private key (PKCS#8 PEM).
+    pub ca_key: PathBuf,
+    /// Optional intermediates between the signing CA and the root (PEM, leaf-most first).
+    pub ca_chain: Option<PathBuf>,
+    /// Root bundle (PEM). Required when the signing CA is not itself a self-signed root.
+    pub root_cert: Option<PathBuf>,
+}
+
+/// Signs leaves with an in-memory CA key.
+pub struct LocalSigner {
+    issuer: Issuer<'static, KeyPair>,
+    /// Signing CA cert (when it is an intermediate) followed by further intermediates.
+    intermediates_pem: Vec<String>,
+    roots_pem: Vec<String>,
+    ca_not_after: OffsetDateTime,
+}
+
+impl std::fmt::Debug for LocalSigner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // Never print the key.
+        f.debug_struct("LocalSigner")
+            .field("intermediates", &self.intermediates_pem.len())
+            .field("roots", &self.roots_pem.len())
+            .field("ca_not_after", &self.ca_not_after)
+            .finish_non_exhaustive()
+    }
+}
+
+fn read(path: &Path) -> Result<String, SignerError> {
+    std::fs::read_to_string(path).map_err(|source| SignerError::Read {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+fn invalid(msg: impl Into<String>) -> SignerError {
+    SignerError::InvalidCa(msg.into())
+}
+
+struct CaFacts {
+    self_signed: bool,
+    not_after: OffsetDateTime,
+    spki: Vec<u8>,
+}
+
+fn ca_facts(der: &[u8], now: OffsetDateTime) -> Result<CaFacts, SignerError> {
+    let (_, cert) =
+        X509Certificate::from_der(der).map_err(|e| invalid(format!("CA certificate: {e}")))?;
+    let is_ca = cert
+        .basic_constraints()
+        .ok()
+        .flatten()
+        .is_some_and(|bc| bc.value.ca);
+    if !is_ca {
+        return Err(invalid(
+            "CA certificate does not have basicConstraints CA:TRUE",
+        ));
+    }
+    let not_after = cert.validity().not_after.to_datetime();
+    if not_after <= now {
+        return Err(invalid(format!("CA certificate expired at {not_after}")));
+    }
+    let self_signed = cert.subject() == cert.issuer() && cert.verify_signature(None).is_ok();
+    Ok(CaFacts {
+        self_signed,
+        not_after,
+        spki: cert.public_key().raw.to_vec(),
+    })
+}
+
+impl LocalSigner {
+    /// Loads an operator-provided CA. Errors: [`SignerError::Read`] for unreadable files,
+    /// [`SignerError::InvalidCa`] when the certificate is not a valid CA, the key does not
+    /// match it, or no root is known.
+    pub fn from_files(files: &LocalSignerFiles) -> Result<Self, SignerError> {
+        let cert_pem = read(&files.ca_cert)?;
+        let key_pem = read(&files.ca_key)?;
+        let chain_pem = files.ca_chain.as_deref().map(read).transpose()?;
+        let roots_pem = files.root_cert.as_deref().map(read).transpose()?;
+        Self::from_pem(
+            &cert_pem,
+            &key_pem,
+            chain_pem.as_deref(),
+            roots_pem.as_deref(),
+        )
+    }
+
+    /// Builds a signer from PEM text; see [`LocalSigner::from_files`].
+    pub fn from_pem(
+        cert_pem: &str,
+        key_pem: &str,
+        chain_pem: Option<&str>,
+        roots_pem: Option<&str>,
+    ) -> Result<Self, SignerError> {
+        let now = OffsetDateTime::now_utc();
+        let certs = parse_certs(cert_pem).map_err(|e| invalid(format!("CA certificate: {e}")))?;
+        let ca_der = &certs[0];
+        let facts = ca_facts(ca_der, now)?;
+        let key = KeyPair::from_pem(key_pem)
+            .map_err(|_| invalid("CA key is not a PKCS#8 PEM private key"))?;
+        if key.subject_public_key_info() != facts.spki {
+            return Err(invalid("CA key does not match the CA certificate"));
+        }
+        let issuer = Issuer::from_ca_cert_der(ca_der, key)
+            .map_err(|e| invalid(format!("CA certificate: {e}")))?;
+        let mut intermediates_pem = Vec::new();
+        let roots: Vec<String> = match roots_pem {
+            Some(pem) => parse_certs(pem)
+                .map_err(|e| invalid(format!("root bundle: {e}")))?
+                .iter()
+                .map(|c| cert_to_pem(c))
+                .collect(),
+            None if facts.self_signed => vec![cert_to_pem(ca_der)],
+            None => {
+                return Err(invalid(
+                    "the CA certificate is not self-signed: a root bundle is required",
+                ));
+            }
+        };
+        if !facts.self_signed {
+            intermediates_pem.push(cert_to_pem(ca_der));
+        }
+        if let Some(chain) = chain_pem {
+            let chain = parse_certs(chain).map_err(|e| invalid(format!("CA chain: {e}")))?;
+            intermediates_pem.extend(chain.iter().map(|c| cert_to_pem(c)));
+        }
+        Ok(Self {
+            issuer,
+            intermediates_pem,
+            roots_pem: roots,
+            ca_not_after: facts.not_after,
+        })
+    }
+
+    /// Loads the root CA kept in `dir`, generating an ECDSA P-256 root there first if the
+    /// directory holds none (key written with mode 0600). For quickstarts and single-node use.
+    pub fn load_or_generate(dir: &Path, trust_domain: &str) -> Result<Self, SignerError> {
+        let cert_path = dir.join(ROOT_CERT_FILE);
+        let key_path = dir.join(ROOT_KEY_FILE);
+        if !cert_path.exists() {
+            let (cert_pem, key_pem) = generate_root(trust_domain)?;
+            std::fs::create_dir_all(dir).map_err(|source| SignerError::Write {
+                path: dir.display().to_string(),
+                source,
+            })?;
+            write_private(&key_path, &key_pem)?;
+            std::fs::write(&cert_path, cert_pem).map_err(|source| SignerError::Write {
+                path: cert_path.display().to_string(),
+                source,
+            })?;
+            tracing::info!(path = %cert_path.display(), "generated a new root CA");
+        }
+        Self::from_files(&LocalSignerFiles {
+            ca_cert: cert_path,
+            ca_key: key_path,
+            ca_chain: None,
+            root_cert: None,
+        })
+    }
+
+    /// When the signing CA certificate expires; leaves never outlive it.
+    pub fn ca_not_after(&self) -> OffsetDateTime {
+        self.ca_not_after
+    }
+
+    /// Signs synchronously (the cost is one signature with the CA key).
+    pub fn sign_now(&self, req: &SignRequest) -> Result<IssuedChain, SignerError> {
+        let now = OffsetDateTime::now_utc();
+        let mut params = leaf_params(&req.profile, now, req.ttl);
+        if params.not_after > self.ca_not_after {
+            params.not_after = self.ca_not_after;
+        }
+        let spki = SubjectPublicKeyInfo::from_der(&req.spki_der).map_err(SignerError::PublicKey)?;
+        let serial_hex = params
+            .serial_number
+            .as_ref()
+            .map(|s| hex::encode(s.to_bytes()))
+            .unwrap_or_default();
+        let cert = params
+            .signed_by(&spki, &self.issuer)
+            .map_err(SignerError::Sign)?;
+        Ok(IssuedChain {
+            leaf_pem: cert.pem(),
+            intermediates_pem: self.intermediates_pem.clone(),
+            serial_hex,
+            not_after: params.not_after,
+        })
+    }
+}
+
+/// Generates a self-signed ECDSA P-256 root: returns (certificate PEM, PKCS#8 key PEM).
+pub(crate) fn generate_root(trust_domain: &str) -> Result<(String, String), SignerError> {
+    let key = KeyPair::generate().map_err(SignerError::Sign)?;
+    let now = OffsetDateTime::now_utc();
+    let mut p = CertificateParams::default();
+    p.distinguished_name = DistinguishedName::new();
+    p.distinguished_name
+        .push(DnType::OrganizationName, trust_domain);
+    p.distinguished_name
+        .push(DnType::CommonName, "meshid root CA");
+    p.not_before = now - Duration::from_secs(3600);
+    p.not_after = now + GENERATED_ROOT_TTL;
+    p.serial_number = Some(random_serial());
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    p.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    let cert = p.self_signed(&key).map_err(SignerError::Sign)?;
+    Ok((cert.pem(), key.serialize_pem()))
+}
+
+fn write_private(path: &Path, contents: &str) -> Result<(), SignerError> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let err = |source| SignerError::Write {
+        path: path.display().to_string(),
+        source,
+    };
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(path)
+        .map_err(err)?;
+    f.write_all(contents.as_bytes()).map_err(err)
+}
+
+impl Signer for LocalSigner {
+    fn name(&self) -> &'static str {
+        "local"
+    }
+
+    fn trust_anchors_pem(&self) -> Vec<String> {
+        self.roots_pem.clone()
+    }
+
+    fn sign(&self, req: SignRequest) -> BoxFuture<'_, Result<IssuedChain, SignerError>> {
+        Box::pin(async move { self.sign_now(&req) })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::{LeafProfile, SpiffeId};
+
+    fn request(key: &KeyPair, ttl: Duration) -> SignRequest {
+        SignRequest {
+            profile: LeafProfile::Workload(
+                SpiffeId::for_service_account("td", "ns", "sa").unwrap(),
+            ),
+            spki_der: key.subject_public_key_info(),
+            ttl,
+        }
+    }
+
+    #[test]
+    fn a_generated_root_signs_a_leaf_that_chains_to_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let signer = LocalSigner::load_or_generate(dir.path(), "td").unwrap();
+        let mode = std::os::unix::fs::PermissionsExt::mode(
+            &std::fs::metadata(dir.path().join(ROOT_KEY_FILE))
+                .unwrap()
+                .permissions(),
+        );
+        assert_eq!(mode & 0o777, 0o600);
+        let key = KeyPair::generate().unwrap();
+        let issued = signer
+            .sign_now(&request(&key, Duration::from_secs(3600)))
+            .unwrap();
+        assert!(issued.intermediates_pem.is_empty());
+        let bundle =
+            crate::trust::TrustBundle::from_pem(&signer.trust_anchors_pem().join("")).unwrap();
+        let leaf = parse_certs(&issued.leaf_pem).unwrap();
+        bundle
+            .verify_chain(&leaf, OffsetDateTime::now_utc())
+            .unwrap();
+        // Loading again reuses the same root.
+        let again = LocalSigner::load_or_generate(dir.path(), "td").unwrap();
+        assert_eq!(again.trust_anchors_pem(), signer.trust_anchors_pem());
+    }
+
+    #[test]
+    fn a_leaf_never_outlives_its_ca() {
+        let dir = tempfile::tempdir().unwrap();
+        let signer = LocalSigner::load_or_generate(dir.path(), "td").unwrap();
+        let key = KeyPair::generate().unwrap();
+        let issued = signer
+            .sign_now(&request(&key, Duration::from_secs(20 * 365 * 24 * 3600)))
+            .unwrap();
+        assert_eq!(issued.not_after, signer.ca_not_after());
+    }
+
+    #[test]
+    fn a_key_that_does_not_match_the_ca_certificate_is_refused() {
+        let (cert, _) = generate_root("td").unwrap();
+        let other = KeyPair::generate().unwrap().serialize_pem();
+        let err = LocalSigner::from_pem(&cert, &other, None, None).unwrap_err();
+        assert!(err.to_string().contains("does not match"), "{err}");
+    }
+
+    #[test]
+    fn a_non_ca_certificate_is_refused_as_a_signing_ca() {
+        let key = KeyPair::generate().unwrap();
+        let cert = CertificateParams::default().self_signed(&key).unwrap();
+        let err = LocalSigner::from_pem(&cert.pem(), &key.serialize_pem(), None, None).unwrap_err();
+        assert!(err.to_string().contains("CA:TRUE"), "{err}");
+    }
+
+    #[test]
+    fn an_intermediate_ca_without_a_root_bundle_is_refused_and_with_one_is_chained() {
+        let (root_pem, root_key_pem) = generate_root("td").unwrap();
+        let root_key = KeyPair::from_pem(&root_key_pem).unwrap();
+        let root_issuer = Issuer::from_ca_cert_pem(&root_pem, root_key).unwrap();
+        let int_key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::default();
+        p.distinguished_name = DistinguishedName::new();
+        p.distinguished_name
+            .push(DnType::CommonName, "intermediate");
+        p.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+        p.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+        p.use_authority_key_identifier_extension = true;
+        let int = p.signed_by(&int_key, &root_issuer).unwrap();
+        let err =
+            LocalSigner::from_pem(&int.pem(), &int_key.serialize_pem(), None, None).unwrap_err();
+        assert!(err.to_string().contains("root bundle"), "{err}");
+        let signer =
+            LocalSigner::from_pem(&int.pem(), &int_key.serialize_pem(), None, Some(&root_pem))
+                .unwrap();
+        let key = KeyPair::generate().unwrap();
+        let issued = signer
+            .sign_now(&request(&key, Duration::from_secs(60)))
+            .unwrap();
+        assert_eq!(issued.intermediates_pem.len(), 1);
+        let mut chain = parse_certs(&issued.leaf_pem).unwrap();
+        chain.extend(parse_certs(&issued.intermediates_pem[0]).unwrap());
+        let bundle = crate::trust::TrustBundle::from_pem(&root_pem).unwrap();
+        bundle
+            .verify_chain(&chain, OffsetDateTime::now_utc())
+            .unwrap();
+    }
+}

@@ -1,0 +1,90 @@
+//! Signers turn an accepted request into a certificate chain. The server depends only on the
+//! [`Signer`] trait; the local (in-process CA key) signer lives here, AWS Private CA elsewhere.
+
+mod local;
+
+use std::future::Future;
+use std::pin::Pin;
+use std::time::Duration;
+
+use time::OffsetDateTime;
+
+use crate::identity::LeafProfile;
+
+pub use local::{LocalSigner, LocalSignerFiles};
+
+/// A boxed future, so that signers can be used as `Arc<dyn Signer>`.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// What to sign: policy has already been applied.
+#[derive(Debug, Clone)]
+pub struct SignRequest {
+    /// The kind of certificate and its names.
+    pub profile: LeafProfile,
+    /// DER SubjectPublicKeyInfo to certify.
+    pub spki_der: Vec<u8>,
+    /// Lifetime from now (the signer may shorten it to fit inside its CA's validity).
+    pub ttl: Duration,
+}
+
+/// An issued certificate with the intermediates needed to reach a root.
+#[derive(Debug, Clone)]
+pub struct IssuedChain {
+    /// The leaf, PEM.
+    pub leaf_pem: String,
+    /// Intermediates from the leaf's issuer upwards, PEM each, excluding the root.
+    pub intermediates_pem: Vec<String>,
+    /// Serial number of the leaf, lowercase hex.
+    pub serial_hex: String,
+    /// Expiry of the leaf.
+    pub not_after: OffsetDateTime,
+}
+
+/// A signer failed.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SignerError {
+    /// A CA file could not be read.
+    #[error("cannot read {path}: {source}")]
+    Read {
+        /// The file.
+        path: String,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A CA file could not be written (self-generated root).
+    #[error("cannot write {path}: {source}")]
+    Write {
+        /// The file.
+        path: String,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The CA material is unusable (wrong format, key does not match, not a CA, expired).
+    #[error("invalid CA material: {0}")]
+    InvalidCa(String),
+    /// The public key to certify could not be used.
+    #[error("unusable public key: {0}")]
+    PublicKey(#[source] rcgen::Error),
+    /// Building or signing the certificate failed.
+    #[error("signing failed: {0}")]
+    Sign(#[source] rcgen::Error),
+    /// An upstream CA (e.g. AWS Private CA) is unavailable or throttling.
+    #[error("upstream CA unavailable: {0}")]
+    Unavailable(String),
+}
+
+/// Issues certificates. Implementations must never copy anything from the CSR but the key.
+pub trait Signer: Send + Sync {
+    /// A short name for logs and metrics, e.g. `local`.
+    fn name(&self) -> &'static str;
+
+    /// The root certificates (PEM) that chains from this signer end in.
+    fn trust_anchors_pem(&self) -> Vec<String>;
+
+    /// Signs `req`. Errors: [`SignerError::PublicKey`], [`SignerError::Sign`],
+    /// [`SignerError::Unavailable`].
+    fn sign(&self, req: SignRequest) -> BoxFuture<'_, Result<IssuedChain, SignerError>>;
+}

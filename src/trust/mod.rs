@@ -1,0 +1,244 @@
+//! The trust bundle: the set of roots that issued chains must end in, and that clients trust.
+//!
+//! The bundle may hold several roots at once (current and next) so that a root can be rotated
+//! without downtime. It is published through a `tokio::sync::watch` channel as an
+//! `Arc<TrustBundle>` and is only ever published after it parsed.
+
+use std::sync::Arc;
+
+use rustls_pki_types::CertificateDer;
+use time::OffsetDateTime;
+use tokio::sync::watch;
+use x509_parser::prelude::{FromDer, X509Certificate};
+
+use crate::pem::{PemError, cert_to_pem, parse_certs};
+
+/// A chain did not verify against the bundle, or a bundle was unusable.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum TrustError {
+    /// The bundle PEM held no certificate or was malformed.
+    #[error("invalid trust bundle: {0}")]
+    InvalidBundle(String),
+    /// A certificate in the chain could not be parsed.
+    #[error("certificate {index} in the chain is malformed")]
+    Malformed {
+        /// Position in the chain, leaf = 0.
+        index: usize,
+    },
+    /// The chain is empty.
+    #[error("empty chain")]
+    Empty,
+    /// Certificate `index` is not signed by certificate `index + 1`.
+    #[error("certificate {index} is not signed by the next certificate in the chain")]
+    BrokenLink {
+        /// Position in the chain, leaf = 0.
+        index: usize,
+    },
+    /// Certificate `index` is outside its validity period at the given time.
+    #[error("certificate {index} is not valid at this time")]
+    NotValidNow {
+        /// Position in the chain, leaf = 0.
+        index: usize,
+    },
+    /// The last certificate is not issued by any root in the bundle.
+    #[error("chain does not end in a trusted root")]
+    UntrustedRoot,
+}
+
+/// An immutable set of root certificates.
+#[derive(Clone, PartialEq, Eq)]
+pub struct TrustBundle {
+    roots: Vec<CertificateDer<'static>>,
+    pem: String,
+}
+
+impl std::fmt::Debug for TrustBundle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TrustBundle")
+            .field("roots", &self.roots.len())
+            .finish()
+    }
+}
+
+impl TrustBundle {
+    /// Parses a PEM bundle of one or more root certificates; duplicates are dropped.
+    pub fn from_pem(pem: &str) -> Result<Self, TrustError> {
+        let certs =
+            parse_certs(pem).map_err(|e: PemError| TrustError::InvalidBundle(e.to_string()))?;
+        Self::from_ders(certs)
+    }
+
+    /// Builds a bundle from DER roots in order; duplicates are dropped.
+    pub fn from_ders(certs: Vec<CertificateDer<'static>>) -> Result<Self, TrustError> {
+        let mut roots: Vec<CertificateDer<'static>> = Vec::new();
+        for cert in certs {
+            X509Certificate::from_der(cert.as_ref()).map_err(|_| {
+                TrustError::InvalidBundle("a root is not a valid certificate".into())
+            })?;
+            if !roots.contains(&cert) {
+                roots.push(cert);
+            }
+        }
+        if roots.is_empty() {
+            return Err(TrustError::InvalidBundle("no roots".into()));
+        }
+        let pem = roots.iter().map(|c| cert_to_pem(c)).collect();
+        Ok(Self { roots, pem })
+    }
+
+    /// The roots, in order.
+    pub fn roots(&self) -> &[CertificateDer<'static>] {
+        &self.roots
+    }
+
+    /// The whole bundle as concatenated PEM (each block newline-terminated).
+    pub fn pem(&self) -> &str {
+        &self.pem
+    }
+
+    /// The earliest expiry among the roots.
+    pub fn earliest_expiry(&self) -> Option<OffsetDateTime> {
+        self.roots
+            .iter()
+            .filter_map(|r| X509Certificate::from_der(r.as_ref()).ok())
+            .map(|(_, c)| c.validity().not_after.to_datetime())
+            .min()
+    }
+
+    /// Verifies that `chain` (leaf first, then intermediates, no root needed) is valid at `now`,
+    /// each link is signed by the next, and the last certificate is signed by one of the roots
+    /// (or is one of them).
+    pub fn verify_chain(
+        &self,
+        chain: &[CertificateDer<'_>],
+        now: OffsetDateTime,
+    ) -> Result<(), TrustError> {
+        if chain.is_empty() {
+            return Err(TrustError::Empty);
+        }
+        let parsed = chain
+            .iter()
+            .enumerate()
+            .map(|(index, der)| {
+                X509Certificate::from_der(der.as_ref())
+                    .map(|(_, c)| c)
+                    .map_err(|_| TrustError::Malformed { index })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let ts = x509_parser::time::ASN1Time::from(now);
+        for (index, cert) in parsed.iter().enumerate() {
+            if !cert.validity().is_valid_at(ts) {
+                return Err(TrustError::NotValidNow { index });
+            }
+            if let Some(next) = parsed.get(index + 1)
+                && (cert.issuer() != next.subject()
+                    || cert.verify_signature(Some(next.public_key())).is_err())
+            {
+                return Err(TrustError::BrokenLink { index });
+            }
+        }
+        let last_index = chain.len() - 1;
+        let last = &parsed[last_index];
+        if self
+            .roots
+            .iter()
+            .any(|r| r.as_ref() == chain[last_index].as_ref())
+        {
+            return Ok(());
+        }
+        let trusted = self
+            .roots
+            .iter()
+            .filter_map(|r| X509Certificate::from_der(r.as_ref()).ok())
+            .any(|(_, root)| {
+                root.subject() == last.issuer()
+                    && root.validity().is_valid_at(ts)
+                    && last.verify_signature(Some(root.public_key())).is_ok()
+            });
+        if trusted {
+            Ok(())
+        } else {
+            Err(TrustError::UntrustedRoot)
+        }
+    }
+}
+
+/// Creates a watch channel publishing `bundle`.
+pub fn channel(
+    bundle: TrustBundle,
+) -> (
+    watch::Sender<Arc<TrustBundle>>,
+    watch::Receiver<Arc<TrustBundle>>,
+) {
+    watch::channel(Arc::new(bundle))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::{LeafProfile, SpiffeId};
+    use crate::signer::{LocalSigner, SignRequest, Signer};
+    use std::time::Duration;
+
+    fn signer() -> (tempfile::TempDir, LocalSigner) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = LocalSigner::load_or_generate(dir.path(), "td").unwrap();
+        (dir, s)
+    }
+
+    fn leaf(s: &LocalSigner) -> Vec<CertificateDer<'static>> {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let req = SignRequest {
+            profile: LeafProfile::Workload(SpiffeId::for_service_account("td", "a", "b").unwrap()),
+            spki_der: rcgen::PublicKeyData::subject_public_key_info(&key),
+            ttl: Duration::from_secs(600),
+        };
+        parse_certs(&s.sign_now(&req).unwrap().leaf_pem).unwrap()
+    }
+
+    #[test]
+    fn a_bundle_with_two_roots_verifies_leaves_from_either() {
+        let (_d1, a) = signer();
+        let (_d2, b) = signer();
+        let pem = format!("{}{}", a.trust_anchors_pem()[0], b.trust_anchors_pem()[0]);
+        let bundle = TrustBundle::from_pem(&pem).unwrap();
+        assert_eq!(bundle.roots().len(), 2);
+        let now = OffsetDateTime::now_utc();
+        bundle.verify_chain(&leaf(&a), now).unwrap();
+        bundle.verify_chain(&leaf(&b), now).unwrap();
+    }
+
+    #[test]
+    fn a_leaf_from_another_root_is_untrusted() {
+        let (_d1, a) = signer();
+        let (_d2, b) = signer();
+        let bundle = TrustBundle::from_pem(&a.trust_anchors_pem()[0]).unwrap();
+        assert_eq!(
+            bundle.verify_chain(&leaf(&b), OffsetDateTime::now_utc()),
+            Err(TrustError::UntrustedRoot)
+        );
+    }
+
+    #[test]
+    fn an_expired_leaf_is_not_valid() {
+        let (_d, a) = signer();
+        let bundle = TrustBundle::from_pem(&a.trust_anchors_pem()[0]).unwrap();
+        let later = OffsetDateTime::now_utc() + Duration::from_secs(3600);
+        assert_eq!(
+            bundle.verify_chain(&leaf(&a), later),
+            Err(TrustError::NotValidNow { index: 0 })
+        );
+    }
+
+    #[test]
+    fn duplicate_roots_are_dropped_and_garbage_is_refused() {
+        let (_d, a) = signer();
+        let pem = a.trust_anchors_pem()[0].repeat(2);
+        assert_eq!(TrustBundle::from_pem(&pem).unwrap().roots().len(), 1);
+        assert!(matches!(
+            TrustBundle::from_pem("nope"),
+            Err(TrustError::InvalidBundle(_))
+        ));
+    }
+}
