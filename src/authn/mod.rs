@@ -6,6 +6,7 @@
 //!   quickstart and for development without a cluster.
 
 mod cache;
+mod node;
 mod static_tokens;
 mod tokenreview;
 
@@ -15,6 +16,7 @@ use crate::identity::SpiffeId;
 use crate::signer::BoxFuture;
 
 pub use cache::TokenCache;
+pub use node::{NodeAuthorizer, PodLookup, parse_trusted_accounts};
 pub use static_tokens::StaticTokenAuthenticator;
 pub use tokenreview::{KubeTokenReviewer, ReviewResult, TokenReviewAuthenticator, TokenReviewer};
 

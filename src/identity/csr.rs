@@ -128,6 +128,8 @@ pub struct ValidatedCsr {
     pub spki_der: Vec<u8>,
     /// Algorithm of that key.
     pub key: KeyKind,
+    /// The whole request, DER, for upstream CAs that need proof of possession.
+    pub csr_der: Vec<u8>,
 }
 
 /// Checks a PEM CSR against the policy for a caller proven to be `expected`.
@@ -158,6 +160,7 @@ pub fn check_csr(pem: &str, expected: &SpiffeId) -> Result<ValidatedCsr, CsrReje
     Ok(ValidatedCsr {
         spki_der: spki.raw.to_vec(),
         key,
+        csr_der: der.as_ref().to_vec(),
     })
 }
 

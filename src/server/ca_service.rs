@@ -123,6 +123,7 @@ impl CaService {
                 profile: LeafProfile::Workload(identity.clone()),
                 spki_der: csr.spki_der,
                 ttl,
+                csr_der: Some(csr.csr_der),
             })
             .await?;
         let bundle = inner.trust.borrow().clone();

@@ -280,6 +280,7 @@ mod tests {
             ),
             spki_der: key.subject_public_key_info(),
             ttl,
+            csr_der: None,
         }
     }
 

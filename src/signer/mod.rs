@@ -1,6 +1,7 @@
 //! Signers turn an accepted request into a certificate chain. The server depends only on the
 //! [`Signer`] trait; the local (in-process CA key) signer lives here, AWS Private CA elsewhere.
 
+pub mod aws_pca;
 mod local;
 
 use std::future::Future;
@@ -11,6 +12,7 @@ use time::OffsetDateTime;
 
 use crate::identity::LeafProfile;
 
+pub use aws_pca::{AwsPcaOptions, PcaMode};
 pub use local::{LocalSigner, LocalSignerFiles};
 
 /// A boxed future, so that signers can be used as `Arc<dyn Signer>`.
@@ -25,6 +27,33 @@ pub struct SignRequest {
     pub spki_der: Vec<u8>,
     /// Lifetime from now (the signer may shorten it to fit inside its CA's validity).
     pub ttl: Duration,
+    /// The DER PKCS#10 request the key came from, when there is one. Signers that delegate
+    /// to an upstream CA needing proof of possession (AWS Private CA) require it; the local
+    /// signer ignores it. Policy has already been applied: only its key may be certified.
+    pub csr_der: Option<Vec<u8>>,
+}
+
+impl SignRequest {
+    /// A request for a key generated in this process, with a CSR signed by that key naming the
+    /// profile's subject and SANs, so that every signer (AWS Private CA in direct mode needs
+    /// the CSR) can use it. Errors with [`SignerError::Sign`] if the CSR cannot be encoded.
+    pub fn for_key(
+        profile: LeafProfile,
+        key: &rcgen::KeyPair,
+        ttl: Duration,
+    ) -> Result<Self, SignerError> {
+        let policy = crate::identity::leaf_params(&profile, OffsetDateTime::now_utc(), ttl);
+        let mut params = rcgen::CertificateParams::default();
+        params.distinguished_name = policy.distinguished_name;
+        params.subject_alt_names = policy.subject_alt_names;
+        let csr = params.serialize_request(key).map_err(SignerError::Sign)?;
+        Ok(Self {
+            profile,
+            spki_der: rcgen::PublicKeyData::subject_public_key_info(key),
+            ttl,
+            csr_der: Some(csr.der().to_vec()),
+        })
+    }
 }
 
 /// An issued certificate with the intermediates needed to reach a root.
@@ -74,6 +103,9 @@ pub enum SignerError {
     /// An upstream CA (e.g. AWS Private CA) is unavailable or throttling.
     #[error("upstream CA unavailable: {0}")]
     Unavailable(String),
+    /// AWS Private CA refused a request or returned something unusable (not retryable).
+    #[error("AWS Private CA: {0}")]
+    AwsPca(#[source] aws_pca::PcaError),
 }
 
 /// Issues certificates. Implementations must never copy anything from the CSR but the key.

@@ -1,0 +1,51 @@
+//! The agent's HTTP endpoints: `/healthz` (process alive), `/readyz` (a valid SVID is held)
+//! and `/metrics` (Prometheus text format).
+
+use axum::Router;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::response::IntoResponse;
+use axum::routing::get;
+use time::OffsetDateTime;
+
+use super::metrics::AgentMetrics;
+use super::rotation::SvidReceiver;
+
+#[derive(Clone)]
+struct HttpState {
+    svids: SvidReceiver,
+    metrics: AgentMetrics,
+}
+
+/// The probes/metrics router.
+pub fn router(svids: SvidReceiver, metrics: AgentMetrics) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics_handler))
+        .with_state(HttpState { svids, metrics })
+}
+
+async fn readyz(State(s): State<HttpState>) -> impl IntoResponse {
+    let now = OffsetDateTime::now_utc();
+    let valid = s
+        .svids
+        .borrow()
+        .as_ref()
+        .is_some_and(|svid| svid.not_before <= now && now < svid.not_after);
+    if valid {
+        (StatusCode::OK, "ready")
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "no valid SVID")
+    }
+}
+
+async fn metrics_handler(State(s): State<HttpState>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        s.metrics.encode(),
+    )
+}

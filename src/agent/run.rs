@@ -1,0 +1,256 @@
+//! Builds the agent's components from a validated configuration, runs them, and stops them when
+//! the shutdown future completes (or one of them fails).
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use super::ca_client::{CaClient, CaClientError};
+use super::config::{AgentConfig, AgentConfigError};
+use super::files::run_file_sink;
+use super::http::router;
+use super::metrics::AgentMetrics;
+use super::rotation::{Rotation, RotationSettings, SvidReceiver};
+use crate::sds::{self, SdsError, SdsService};
+use crate::trust::TrustBundle;
+
+/// The agent could not start, or a component failed while running.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum AgentError {
+    /// A setting is invalid.
+    #[error(transparent)]
+    Config(#[from] AgentConfigError),
+    /// The CA root file could not be read.
+    #[error("cannot read CA root file {path}: {source}")]
+    CaRoot {
+        /// The file.
+        path: String,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The CA root file holds no usable certificate.
+    #[error("CA root file {path}: {source}")]
+    CaRootInvalid {
+        /// The file.
+        path: String,
+        /// Why it is unusable.
+        #[source]
+        source: crate::trust::TrustError,
+    },
+    /// The CA client could not be set up (address or TLS settings).
+    #[error(transparent)]
+    CaClient(#[from] CaClientError),
+    /// The SDS socket could not be set up, or the SDS server failed.
+    #[error(transparent)]
+    Sds(#[from] SdsError),
+    /// The HTTP listener could not be bound.
+    #[error("cannot listen on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The HTTP server failed.
+    #[error("HTTP server: {0}")]
+    Http(#[source] std::io::Error),
+    /// A component task panicked.
+    #[error("agent task failed: {0}")]
+    Task(String),
+}
+
+/// A started agent.
+pub struct AgentHandle {
+    /// The SDS socket it serves on.
+    pub sds_socket: PathBuf,
+    /// The bound HTTP probes/metrics address (useful with port 0).
+    pub http_addr: SocketAddr,
+    svids: SvidReceiver,
+    metrics: AgentMetrics,
+    task: JoinHandle<Result<(), AgentError>>,
+}
+
+impl std::fmt::Debug for AgentHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentHandle")
+            .field("sds_socket", &self.sds_socket)
+            .field("http_addr", &self.http_addr)
+            .finish_non_exhaustive()
+    }
+}
+
+impl AgentHandle {
+    /// The SVID currently served (`None` until the first one), and its updates.
+    pub fn svids(&self) -> SvidReceiver {
+        self.svids.clone()
+    }
+
+    /// The agent's metrics.
+    pub fn metrics(&self) -> &AgentMetrics {
+        &self.metrics
+    }
+
+    /// Waits until every component has stopped after shutdown. Returns the first error of a
+    /// component that failed.
+    pub async fn wait(self) -> Result<(), AgentError> {
+        self.task
+            .await
+            .map_err(|e| AgentError::Task(e.to_string()))?
+    }
+}
+
+/// Starts the agent: reads the CA roots, binds the SDS socket and the HTTP listener, and
+/// spawns the rotation loop. Returns once everything is listening; the first SVID arrives
+/// later (watch [`AgentHandle::svids`] or `/readyz`). Everything stops when `shutdown`
+/// completes; the SDS socket file is removed then.
+///
+/// Errors (all at startup): [`AgentError::Config`], [`AgentError::CaRoot`],
+/// [`AgentError::CaRootInvalid`], [`AgentError::CaClient`], [`AgentError::Sds`],
+/// [`AgentError::Bind`]. A CA that is unreachable or refuses is not a startup error: the
+/// agent keeps retrying with backoff.
+pub async fn start_agent(
+    config: AgentConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<AgentHandle, AgentError> {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    let s = config.validate()?;
+    let root_path = s.ca_root_file.display().to_string();
+    let root_pem = tokio::fs::read_to_string(&s.ca_root_file)
+        .await
+        .map_err(|source| AgentError::CaRoot {
+            path: root_path.clone(),
+            source,
+        })?;
+    TrustBundle::from_pem(&root_pem).map_err(|source| AgentError::CaRootInvalid {
+        path: root_path,
+        source,
+    })?;
+    let client = CaClient::new(
+        &s.ca_address,
+        &root_pem,
+        s.ca_server_name.as_deref(),
+        s.cluster_id.clone(),
+    )?;
+
+    let metrics = AgentMetrics::new();
+    let (svid_tx, svids) = watch::channel(None);
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let stop = Arc::new(stop_tx);
+
+    let sds_listener = sds::bind_socket(&s.sds_socket)?;
+    let http_listener =
+        TcpListener::bind(s.http_listen)
+            .await
+            .map_err(|source| AgentError::Bind {
+                addr: s.http_listen,
+                source,
+            })?;
+    let http_addr = http_listener
+        .local_addr()
+        .map_err(|source| AgentError::Bind {
+            addr: s.http_listen,
+            source,
+        })?;
+
+    tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            shutdown.await;
+            stop.send_replace(true);
+        }
+    });
+
+    let rotation = Rotation::new(
+        client,
+        RotationSettings {
+            identity: s.identity.clone(),
+            key_type: s.key_type,
+            cert_ttl: s.cert_ttl,
+            token_file: s.token_file.clone(),
+            policy: s.policy,
+        },
+        metrics.clone(),
+    );
+    let sds_service = SdsService::new(svids.clone(), metrics.sds.clone(), stop_rx.clone());
+    let app = router(svids.clone(), metrics.clone());
+    let files = s
+        .write_files
+        .clone()
+        .map(|dir| run_file_sink(dir, svids.clone(), stop_rx.clone()));
+    let sds_socket = s.sds_socket.clone();
+
+    tracing::info!(
+        identity = %s.identity,
+        ca = %s.ca_address,
+        sds_socket = %sds_socket.display(),
+        %http_addr,
+        "meshid agent started"
+    );
+    let task = tokio::spawn({
+        let sds_socket = sds_socket.clone();
+        let stop_rx = stop_rx.clone();
+        async move {
+            let rotation = tokio::spawn(rotation.run(svid_tx, stop_rx.clone()));
+            let files = files.map(tokio::spawn);
+            // A component that fails stops the others.
+            let fail_fast = |result: Result<(), AgentError>| {
+                if result.is_err() {
+                    stop.send_replace(true);
+                }
+                result
+            };
+            let sds = async {
+                fail_fast(
+                    sds::serve(sds_listener, sds_socket, sds_service, stop_rx.clone())
+                        .await
+                        .map_err(AgentError::from),
+                )
+            };
+            let mut http_stop = stop_rx.clone();
+            let http = async {
+                fail_fast(
+                    axum::serve(http_listener, app)
+                        .with_graceful_shutdown(async move {
+                            let _ = http_stop.wait_for(|s| *s).await;
+                        })
+                        .await
+                        .map_err(AgentError::Http),
+                )
+            };
+            let (sds_result, http_result) = tokio::join!(sds, http);
+            rotation
+                .await
+                .map_err(|e| AgentError::Task(e.to_string()))?;
+            if let Some(files) = files {
+                files.await.map_err(|e| AgentError::Task(e.to_string()))?;
+            }
+            sds_result?;
+            http_result?;
+            tracing::info!("meshid agent stopped");
+            Ok(())
+        }
+    });
+    Ok(AgentHandle {
+        sds_socket,
+        http_addr,
+        svids,
+        metrics,
+        task,
+    })
+}
+
+/// Runs the agent until `shutdown` completes: [`start_agent`] then [`AgentHandle::wait`].
+pub async fn run_agent(
+    config: AgentConfig,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), AgentError> {
+    start_agent(config, shutdown).await?.wait().await
+}

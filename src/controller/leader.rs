@@ -1,0 +1,281 @@
+//! Leader election with a `coordination.k8s.io/v1` Lease, for the controllers only (every
+//! replica serves the gRPC API).
+//!
+//! The decision of what to do with a lease is a pure function ([`decide`]) of the lease, our
+//! identity and the time; the loop around it publishes leadership through a `watch<bool>`.
+//! A leader that cannot renew within `renew_deadline` (< `lease_duration`) steps down, so it
+//! stops writing before any other replica can take the lease over.
+
+use std::time::Duration;
+
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
+use k8s_openapi::jiff::Timestamp;
+use kube::Api;
+use kube::api::PostParams;
+use tokio::sync::watch;
+
+/// Lease timing and identity.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseSettings {
+    /// Namespace of the Lease.
+    pub namespace: String,
+    /// Name of the Lease.
+    pub name: String,
+    /// This replica's identity (pod name).
+    pub identity: String,
+    /// How long a lease is valid without renewal.
+    pub lease_duration: Duration,
+    /// A leader that has not renewed for this long steps down. Must be < `lease_duration`.
+    pub renew_deadline: Duration,
+    /// Interval between attempts.
+    pub retry_period: Duration,
+}
+
+impl LeaseSettings {
+    /// Defaults matching client-go: 15s lease, 10s renew deadline, 2s retry.
+    pub fn new(namespace: String, name: String, identity: String) -> Self {
+        Self {
+            namespace,
+            name,
+            identity,
+            lease_duration: Duration::from_secs(15),
+            renew_deadline: Duration::from_secs(10),
+            retry_period: Duration::from_secs(2),
+        }
+    }
+}
+
+/// What to do with the lease as observed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LeaseAction {
+    /// No lease exists: create it.
+    Create,
+    /// We hold it: renew.
+    Renew,
+    /// Someone else held it and it expired: take it over.
+    TakeOver,
+    /// Someone else holds a live lease.
+    Wait {
+        /// The holder.
+        holder: String,
+    },
+}
+
+/// Decides the action for `lease` (None = absent) as `identity` at `now`.
+pub fn decide(
+    lease: Option<&Lease>,
+    identity: &str,
+    now: Timestamp,
+    default_duration: Duration,
+) -> LeaseAction {
+    let Some(spec) = lease.and_then(|l| l.spec.as_ref()) else {
+        return if lease.is_some() {
+            LeaseAction::TakeOver
+        } else {
+            LeaseAction::Create
+        };
+    };
+    let holder = spec.holder_identity.clone().unwrap_or_default();
+    if holder == identity {
+        return LeaseAction::Renew;
+    }
+    if holder.is_empty() {
+        return LeaseAction::TakeOver;
+    }
+    let duration = spec
+        .lease_duration_seconds
+        .and_then(|s| u64::try_from(s).ok())
+        .map(Duration::from_secs)
+        .unwrap_or(default_duration);
+    let renewed = spec
+        .renew_time
+        .as_ref()
+        .or(spec.acquire_time.as_ref())
+        .map(|t| t.0);
+    match renewed {
+        Some(t) if t + duration > now => LeaseAction::Wait { holder },
+        _ => LeaseAction::TakeOver,
+    }
+}
+
+fn spec_for(
+    s: &LeaseSettings,
+    now: Timestamp,
+    previous: Option<&LeaseSpec>,
+    acquire: bool,
+) -> LeaseSpec {
+    let transitions = previous.and_then(|p| p.lease_transitions).unwrap_or(0);
+    LeaseSpec {
+        holder_identity: Some(s.identity.clone()),
+        lease_duration_seconds: Some(i32::try_from(s.lease_duration.as_secs()).unwrap_or(15)),
+        acquire_time: if acquire {
+            Some(MicroTime(now))
+        } else {
+            previous.and_then(|p| p.acquire_time.clone())
+        },
+        renew_time: Some(MicroTime(now)),
+        lease_transitions: Some(if acquire && previous.is_some() {
+            transitions + 1
+        } else {
+            transitions
+        }),
+        ..Default::default()
+    }
+}
+
+/// One attempt: returns whether we hold the lease afterwards. Errors are apiserver failures
+/// (including conflicts from a concurrent writer).
+async fn try_acquire_or_renew(api: &Api<Lease>, s: &LeaseSettings) -> Result<bool, kube::Error> {
+    let now = Timestamp::now();
+    let current = api.get_opt(&s.name).await?;
+    match decide(current.as_ref(), &s.identity, now, s.lease_duration) {
+        LeaseAction::Wait { .. } => Ok(false),
+        LeaseAction::Create => {
+            let lease = Lease {
+                metadata: ObjectMeta {
+                    name: Some(s.name.clone()),
+                    ..Default::default()
+                },
+                spec: Some(spec_for(s, now, None, true)),
+            };
+            api.create(&PostParams::default(), &lease).await?;
+            Ok(true)
+        }
+        action @ (LeaseAction::Renew | LeaseAction::TakeOver) => {
+            let Some(mut lease) = current else {
+                return Ok(false);
+            };
+            let acquire = action == LeaseAction::TakeOver;
+            lease.spec = Some(spec_for(s, now, lease.spec.as_ref(), acquire));
+            // replace carries resourceVersion: a concurrent writer makes this a 409 conflict.
+            api.replace(&s.name, &PostParams::default(), &lease).await?;
+            if acquire {
+                tracing::info!(lease = %s.name, identity = %s.identity, "acquired leadership");
+            }
+            Ok(true)
+        }
+    }
+}
+
+/// Runs the election until `shutdown`, publishing leadership on the returned channel.
+/// On shutdown a held lease is released (holder cleared) so a peer can take over at once.
+pub fn spawn_elector(
+    client: kube::Client,
+    s: LeaseSettings,
+    mut shutdown: watch::Receiver<bool>,
+) -> (watch::Receiver<bool>, tokio::task::JoinHandle<()>) {
+    let (tx, rx) = watch::channel(false);
+    let api: Api<Lease> = Api::namespaced(client, &s.namespace);
+    let task = tokio::spawn(async move {
+        let mut last_renew: Option<tokio::time::Instant> = None;
+        loop {
+            let attempt = tokio::time::timeout(
+                s.retry_period.max(Duration::from_secs(1)),
+                try_acquire_or_renew(&api, &s),
+            )
+            .await;
+            let now = tokio::time::Instant::now();
+            match attempt {
+                Ok(Ok(true)) => last_renew = Some(now),
+                Ok(Ok(false)) => last_renew = None,
+                Ok(Err(e)) => tracing::warn!(error = %e, lease = %s.name, "lease update failed"),
+                Err(_) => tracing::warn!(lease = %s.name, "lease update timed out"),
+            }
+            let leading = last_renew.is_some_and(|t| now.duration_since(t) < s.renew_deadline);
+            if *tx.borrow() != leading {
+                if !leading {
+                    tracing::warn!(lease = %s.name, "lost leadership; controllers stop");
+                }
+                let _ = tx.send(leading);
+            }
+            tokio::select! {
+                _ = shutdown.wait_for(|v| *v) => break,
+                _ = tokio::time::sleep(s.retry_period) => {}
+            }
+        }
+        if *tx.borrow() {
+            let _ = tx.send(false);
+            release(&api, &s).await;
+        }
+    });
+    (rx, task)
+}
+
+async fn release(api: &Api<Lease>, s: &LeaseSettings) {
+    let Ok(Some(mut lease)) = api.get_opt(&s.name).await else {
+        return;
+    };
+    let Some(spec) = lease.spec.as_mut() else {
+        return;
+    };
+    if spec.holder_identity.as_deref() != Some(&s.identity) {
+        return;
+    }
+    spec.holder_identity = None;
+    spec.renew_time = None;
+    if let Err(e) = api.replace(&s.name, &PostParams::default(), &lease).await {
+        tracing::debug!(error = %e, "releasing lease failed; it will expire");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn lease(holder: &str, renewed_secs_ago: i64, now: Timestamp) -> Lease {
+        Lease {
+            metadata: ObjectMeta::default(),
+            spec: Some(LeaseSpec {
+                holder_identity: Some(holder.into()),
+                lease_duration_seconds: Some(15),
+                renew_time: Some(MicroTime(
+                    now - k8s_openapi::jiff::SignedDuration::from_secs(renewed_secs_ago),
+                )),
+                ..Default::default()
+            }),
+        }
+    }
+
+    #[test]
+    fn the_lease_decision_follows_holder_and_expiry() {
+        let now = Timestamp::now();
+        let d = Duration::from_secs(15);
+        assert_eq!(decide(None, "a", now, d), LeaseAction::Create);
+        assert_eq!(
+            decide(Some(&lease("a", 1, now)), "a", now, d),
+            LeaseAction::Renew
+        );
+        assert_eq!(
+            decide(Some(&lease("b", 5, now)), "a", now, d),
+            LeaseAction::Wait { holder: "b".into() }
+        );
+        assert_eq!(
+            decide(Some(&lease("b", 16, now)), "a", now, d),
+            LeaseAction::TakeOver
+        );
+        assert_eq!(
+            decide(Some(&lease("", 1, now)), "a", now, d),
+            LeaseAction::TakeOver
+        );
+    }
+
+    #[test]
+    fn taking_over_counts_a_transition_and_renewing_does_not() {
+        let s = LeaseSettings::new("ns".into(), "l".into(), "me".into());
+        let now = Timestamp::now();
+        let prev = LeaseSpec {
+            lease_transitions: Some(3),
+            ..Default::default()
+        };
+        assert_eq!(
+            spec_for(&s, now, Some(&prev), true).lease_transitions,
+            Some(4)
+        );
+        assert_eq!(
+            spec_for(&s, now, Some(&prev), false).lease_transitions,
+            Some(3)
+        );
+        assert_eq!(spec_for(&s, now, None, true).lease_transitions, Some(0));
+    }
+}

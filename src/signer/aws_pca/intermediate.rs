@@ -1,0 +1,272 @@
+//! Intermediate mode: PCA issues meshid a short-lived subordinate CA certificate for a key
+//! meshid generates; SVIDs are signed locally with it ([`LocalSigner`]), and the intermediate
+//! is replaced well before it expires.
+//!
+//! When to renew is a pure function of the current intermediate ([`renew_at`]); the loop
+//! ([`IntermediateRenewal::run`]) only sleeps until then, mints the next intermediate, checks
+//! that it chains to the trust bundle, and then publishes it through a `watch` channel. Leaves
+//! already issued by the previous intermediate stay valid: it is never revoked, only retired.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::metrics::gauge::Gauge;
+use rustls_pki_types::CertificateDer;
+use time::OffsetDateTime;
+use tokio::sync::watch;
+
+use super::PcaError;
+use super::limit::Backoff;
+use super::request::{intermediate_csr, intermediate_issue_request, split_chain};
+use super::upstream::Upstream;
+use crate::pem::{cert_to_pem, parse_certs};
+use crate::signer::{BoxFuture, IssuedChain, LocalSigner, SignRequest, Signer, SignerError};
+use crate::trust::TrustBundle;
+
+/// Renewal starts this long before the last moment a full-length leaf could still be issued.
+pub const RENEW_MARGIN: Duration = Duration::from_secs(3600);
+/// Delays between failed renewal attempts.
+const RETRY: Backoff = Backoff {
+    base: Duration::from_secs(10),
+    cap: Duration::from_secs(600),
+};
+
+/// When to replace an intermediate valid from `not_before` to `not_after`, given the longest
+/// leaf we issue: early enough that every leaf signed before then gets its full lifetime
+/// (`not_after - max_leaf_ttl - RENEW_MARGIN`), but never before half its life, so an
+/// unexpectedly short certificate cannot make us call PCA in a loop.
+pub fn renew_at(
+    not_before: OffsetDateTime,
+    not_after: OffsetDateTime,
+    max_leaf_ttl: Duration,
+) -> OffsetDateTime {
+    let full_leaves_until = not_after - max_leaf_ttl - RENEW_MARGIN;
+    let half_life = not_before + (not_after - not_before) / 2;
+    full_leaves_until.max(half_life)
+}
+
+/// What the intermediate is made from.
+#[derive(Debug, Clone)]
+pub struct IntermediateSettings {
+    /// Trust domain (the intermediate's subject O).
+    pub trust_domain: String,
+    /// Requested lifetime of each intermediate.
+    pub ttl: Duration,
+    /// Longest leaf lifetime issued (drives [`renew_at`]).
+    pub max_leaf_ttl: Duration,
+    /// PCA signing algorithm for the CA's key.
+    pub signing_algorithm: &'static str,
+}
+
+/// A minted intermediate, ready to sign.
+pub struct Minted {
+    signer: Arc<LocalSigner>,
+    not_before: OffsetDateTime,
+    not_after: OffsetDateTime,
+    serial_hex: String,
+}
+
+impl std::fmt::Debug for Minted {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Minted")
+            .field("serial", &self.serial_hex)
+            .field("not_before", &self.not_before)
+            .field("not_after", &self.not_after)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Generates a key, has PCA certify it as a subordinate CA and checks the result: the key
+/// matches, it is a CA, and it chains to `bundle` now. Nothing is published here.
+pub async fn mint(
+    upstream: &Upstream,
+    settings: &IntermediateSettings,
+    bundle: &TrustBundle,
+) -> Result<Minted, PcaError> {
+    let (key, csr_der) = intermediate_csr(&settings.trust_domain)?;
+    let req = intermediate_issue_request(
+        upstream.ca_arn(),
+        settings.signing_algorithm,
+        &csr_der,
+        settings.ttl,
+        OffsetDateTime::now_utc(),
+    );
+    let got = upstream.issue(&req, "intermediate").await?;
+    let split = split_chain(&got, bundle.roots())?;
+    let chain = crate::pem::join_pems(split.intermediates_pem.iter().map(String::as_str));
+    let signer = LocalSigner::from_pem(
+        &split.leaf_pem,
+        &key.serialize_pem(),
+        (!chain.is_empty()).then_some(chain.as_str()),
+        Some(bundle.pem()),
+    )
+    .map_err(|e| PcaError::InvalidCertificate(format!("intermediate: {e}")))?;
+    let mut ders: Vec<CertificateDer<'static>> =
+        parse_certs(&split.leaf_pem).map_err(|e| PcaError::InvalidCertificate(e.to_string()))?;
+    for pem in &split.intermediates_pem {
+        ders.extend(parse_certs(pem).map_err(|e| PcaError::InvalidCertificate(e.to_string()))?);
+    }
+    bundle
+        .verify_chain(&ders, OffsetDateTime::now_utc())
+        .map_err(|e| {
+            PcaError::InvalidCertificate(format!("intermediate does not chain to the roots: {e}"))
+        })?;
+    Ok(Minted {
+        signer: Arc::new(signer),
+        not_before: split.not_before,
+        not_after: split.not_after,
+        serial_hex: split.serial_hex,
+    })
+}
+
+/// Signs with the current PCA-issued intermediate.
+pub struct IntermediateSigner {
+    current: watch::Receiver<Arc<LocalSigner>>,
+    roots_pem: Vec<String>,
+}
+
+impl std::fmt::Debug for IntermediateSigner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IntermediateSigner")
+            .field("current", &*self.current.borrow())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Signer for IntermediateSigner {
+    fn name(&self) -> &'static str {
+        "aws-pca-intermediate"
+    }
+
+    fn trust_anchors_pem(&self) -> Vec<String> {
+        self.roots_pem.clone()
+    }
+
+    fn sign(&self, req: SignRequest) -> BoxFuture<'_, Result<IssuedChain, SignerError>> {
+        let current = self.current.borrow().clone();
+        Box::pin(async move {
+            if current.ca_not_after() <= OffsetDateTime::now_utc() {
+                return Err(PcaError::IntermediateExpired.into());
+            }
+            current.sign_now(&req)
+        })
+    }
+}
+
+/// Keeps the intermediate fresh; run it with [`IntermediateRenewal::run`].
+pub struct IntermediateRenewal {
+    upstream: Arc<Upstream>,
+    settings: IntermediateSettings,
+    bundle: TrustBundle,
+    current: watch::Sender<Arc<LocalSigner>>,
+    not_before: OffsetDateTime,
+    not_after: OffsetDateTime,
+    expiry: Option<Gauge>,
+}
+
+impl std::fmt::Debug for IntermediateRenewal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("IntermediateRenewal")
+            .field("not_before", &self.not_before)
+            .field("not_after", &self.not_after)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Mints the first intermediate and returns the signer using it and the renewal that keeps it
+/// fresh. `expiry` (if given) is set to the current intermediate's expiry, Unix seconds.
+pub async fn start(
+    upstream: Arc<Upstream>,
+    settings: IntermediateSettings,
+    bundle: TrustBundle,
+    expiry: Option<Gauge>,
+) -> Result<(IntermediateSigner, IntermediateRenewal), PcaError> {
+    let first = mint(&upstream, &settings, &bundle).await?;
+    tracing::info!(
+        serial = %first.serial_hex,
+        not_after = %first.not_after,
+        renew_at = %renew_at(first.not_before, first.not_after, settings.max_leaf_ttl),
+        "AWS Private CA issued meshid's intermediate"
+    );
+    if let Some(g) = &expiry {
+        g.set(first.not_after.unix_timestamp());
+    }
+    let (tx, rx) = watch::channel(first.signer);
+    let roots_pem = bundle.roots().iter().map(|r| cert_to_pem(r)).collect();
+    Ok((
+        IntermediateSigner {
+            current: rx,
+            roots_pem,
+        },
+        IntermediateRenewal {
+            upstream,
+            settings,
+            bundle,
+            current: tx,
+            not_before: first.not_before,
+            not_after: first.not_after,
+            expiry,
+        },
+    ))
+}
+
+impl IntermediateRenewal {
+    /// When the current intermediate will be replaced.
+    pub fn renew_at(&self) -> OffsetDateTime {
+        renew_at(self.not_before, self.not_after, self.settings.max_leaf_ttl)
+    }
+
+    /// Mints the next intermediate and, once it verified, switches signing to it.
+    pub async fn renew_now(&mut self) -> Result<(), PcaError> {
+        let next = mint(&self.upstream, &self.settings, &self.bundle).await?;
+        self.not_before = next.not_before;
+        self.not_after = next.not_after;
+        if let Some(g) = &self.expiry {
+            g.set(next.not_after.unix_timestamp());
+        }
+        tracing::info!(
+            serial = %next.serial_hex,
+            not_after = %next.not_after,
+            renew_at = %self.renew_at(),
+            "switched to a new PCA-issued intermediate"
+        );
+        self.current.send_replace(next.signer);
+        Ok(())
+    }
+
+    /// Renews at [`renew_at`] until `shutdown` turns true; failed renewals are retried with
+    /// backoff (the current intermediate keeps signing until it expires).
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        loop {
+            let wait = Duration::try_from(self.renew_at() - OffsetDateTime::now_utc())
+                .unwrap_or(Duration::ZERO);
+            tokio::select! {
+                _ = shutdown.wait_for(|s| *s) => return,
+                _ = tokio::time::sleep(wait) => {}
+            }
+            let mut failures = 0;
+            loop {
+                let renewed = tokio::select! {
+                    _ = shutdown.wait_for(|s| *s) => return,
+                    r = self.renew_now() => r,
+                };
+                match renewed {
+                    Ok(()) => break,
+                    Err(e) => {
+                        tracing::error!(
+                            error = %e,
+                            not_after = %self.not_after,
+                            "renewing the PCA-issued intermediate failed; retrying"
+                        );
+                        let delay = RETRY.jittered(failures);
+                        failures = failures.saturating_add(1);
+                        tokio::select! {
+                            _ = shutdown.wait_for(|s| *s) => return,
+                            _ = tokio::time::sleep(delay) => {}
+                        }
+                    }
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,41 @@
+//! The AWS Private CA signer, in two modes:
+//!
+//! - **direct**: every certificate is issued by PCA (`IssueCertificate` with the
+//!   `BlankEndEntityCertificate_APIPassthrough` template and our policy in `ApiPassthrough`,
+//!   then `GetCertificate`);
+//! - **intermediate**: PCA issues meshid a short-lived subordinate CA certificate
+//!   (`SubordinateCACertificate_PathLen0`), meshid signs leaves locally with it and renews it
+//!   well before it expires.
+//!
+//! PCA is reached only through [`PcaApi`] (the four calls we make), wrapped in a rate limit,
+//! retries with jittered backoff and metrics ([`upstream`]). See `docs/aws-pca.md`.
+
+pub mod api;
+mod direct;
+mod error;
+#[cfg(test)]
+mod fake;
+pub mod intermediate;
+mod limit;
+mod metrics;
+mod options;
+pub mod request;
+mod sdk;
+mod setup;
+#[cfg(test)]
+mod tests;
+mod upstream;
+
+pub use api::{ApiError, PcaApi};
+pub use direct::DirectSigner;
+pub use error::PcaError;
+pub use intermediate::{IntermediateRenewal, IntermediateSigner};
+pub use limit::{Admission, Backoff, SingleFlight, TokenBucket};
+pub use metrics::PcaMetrics;
+pub use options::{
+    AwsPcaOptions, CaArn, DEFAULT_INTERMEDIATE_TTL, DEFAULT_MAX_PENDING, DEFAULT_TPS, PcaMode,
+    parse_ca_arn,
+};
+pub use sdk::SdkPcaClient;
+pub use setup::{Started, connect, start};
+pub use upstream::{RetryPolicy, Upstream};

@@ -1,0 +1,590 @@
+//! meshid server end to end: a real server over TLS on 127.0.0.1, authenticating real
+//! service-account tokens with TokenReview on the kube-apiserver harness
+//! (`tests/kube-harness/run.sh up`). Issued certificates are cross-checked with openssl.
+//!
+//! Skipped when MESHID_TEST_KUBECONFIG is unset (fails instead under CI=true).
+
+mod common;
+
+use std::path::Path;
+use std::time::Duration;
+
+use common::kube::{Harness, TokenOptions};
+use common::meshid::{
+    http_get, metric_value, openssl, openssl_csr, openssl_key, write_token_kubeconfig,
+};
+use meshid::app::{ServerHandle, start_server};
+use meshid::config::ServerArgs;
+use meshid::proto::{IstioCertificateRequest, IstioCertificateServiceClient};
+use tonic::Code;
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
+
+const CLUSTER: &str = "test-cluster";
+const TD: &str = "cluster.local";
+
+macro_rules! harness {
+    () => {
+        match Harness::from_env().await {
+            Some(h) => h,
+            None => return,
+        }
+    };
+}
+
+/// A server authenticating as its own service account (allowed to create TokenReviews), and a
+/// workload service account `web` in a fresh namespace.
+struct Fixture {
+    harness: Harness,
+    ns: String,
+    dir: tempfile::TempDir,
+    server: ServerHandle,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Fixture {
+    async fn new(h: Harness) -> Self {
+        Self::with_apiserver(h, None).await
+    }
+
+    async fn with_apiserver(h: Harness, apiserver: Option<&str>) -> Self {
+        let ns = h.create_namespace("ca").await.unwrap();
+        h.create_service_account(&ns, "meshid").await.unwrap();
+        h.create_service_account(&ns, "web").await.unwrap();
+        h.grant_token_review(&ns, "meshid").await.unwrap();
+        let server_token = h
+            .request_token(&ns, "meshid", &TokenOptions::default())
+            .await
+            .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let kubeconfig = dir.path().join("kubeconfig");
+        write_token_kubeconfig(&h, &server_token, apiserver, &kubeconfig);
+        let args = ServerArgs {
+            listen: Some("127.0.0.1:0".parse().unwrap()),
+            http_listen: Some("127.0.0.1:0".parse().unwrap()),
+            ca_dir: Some(dir.path().join("ca")),
+            kubeconfig: Some(kubeconfig),
+            cluster_id: Some(CLUSTER.into()),
+            root_configmap: Some(false),
+            serving_hosts: Some(vec!["meshid.meshid-system.svc".into(), "localhost".into()]),
+            ..Default::default()
+        };
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let server = start_server(args.validate().unwrap(), async move {
+            let _ = rx.await;
+        })
+        .await
+        .unwrap();
+        Fixture {
+            harness: h,
+            ns,
+            dir,
+            server,
+            stop: Some(tx),
+        }
+    }
+
+    fn identity(&self, sa: &str) -> String {
+        format!("spiffe://{TD}/ns/{}/sa/{sa}", self.ns)
+    }
+
+    async fn token(&self, sa: &str) -> String {
+        self.harness
+            .request_token(&self.ns, sa, &TokenOptions::for_audiences(["istio-ca"]))
+            .await
+            .unwrap()
+    }
+
+    async fn client(&self) -> IstioCertificateServiceClient<Channel> {
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(&self.server.root_pem))
+            .domain_name("meshid.meshid-system.svc");
+        let channel = Endpoint::from_shared(format!("https://{}", self.server.grpc_addr))
+            .unwrap()
+            .tls_config(tls)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        IstioCertificateServiceClient::new(channel)
+    }
+
+    /// Calls CreateCertificate with optional bearer token and clusterid headers.
+    async fn call(
+        &self,
+        csr: &str,
+        token: Option<&str>,
+        cluster: Option<&str>,
+    ) -> Result<Vec<String>, tonic::Status> {
+        let mut req = tonic::Request::new(IstioCertificateRequest {
+            csr: csr.to_owned(),
+            validity_duration: 3600,
+            metadata: None,
+        });
+        if let Some(t) = token {
+            req.metadata_mut()
+                .insert("authorization", format!("Bearer {t}").parse().unwrap());
+        }
+        if let Some(c) = cluster {
+            req.metadata_mut().insert("clusterid", c.parse().unwrap());
+        }
+        self.client()
+            .await
+            .create_certificate(req)
+            .await
+            .map(|r| r.into_inner().cert_chain)
+    }
+
+    async fn metrics(&self) -> String {
+        let addr = self.server.http_addr;
+        tokio::task::spawn_blocking(move || http_get(addr, "/metrics"))
+            .await
+            .unwrap()
+    }
+
+    async fn issued_count(&self) -> u64 {
+        metric_value(
+            &self.metrics().await,
+            "meshid_certificate_requests_total{outcome=\"issued\",reason=\"none\"}",
+        )
+    }
+
+    async fn stop(mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        self.server.wait().await.unwrap();
+    }
+}
+
+/// Checks a returned chain with openssl: verifies against the root element and returns the
+/// leaf's text form.
+fn verify_with_openssl(dir: &Path, chain: &[String]) -> String {
+    assert_eq!(chain.len(), 2, "leaf + root bundle");
+    let leaf = dir.join("leaf.pem");
+    let root = dir.join("root.pem");
+    std::fs::write(&leaf, &chain[0]).unwrap();
+    std::fs::write(&root, &chain[1]).unwrap();
+    let out = openssl(&[
+        "verify",
+        "-CAfile",
+        root.to_str().unwrap(),
+        leaf.to_str().unwrap(),
+    ]);
+    assert!(String::from_utf8_lossy(&out).trim_end().ends_with(": OK"));
+    String::from_utf8(openssl(&[
+        "x509",
+        "-noout",
+        "-text",
+        "-in",
+        leaf.to_str().unwrap(),
+    ]))
+    .unwrap()
+}
+
+fn assert_exact_extensions(text: &str, identity: &str) {
+    let ext_lines: Vec<&str> = text
+        .lines()
+        .map(str::trim)
+        .filter(|l| l.starts_with("X509v3 ") && *l != "X509v3 extensions:")
+        .collect();
+    assert_eq!(
+        ext_lines,
+        vec![
+            "X509v3 Authority Key Identifier:",
+            "X509v3 Subject Alternative Name: critical",
+            "X509v3 Key Usage: critical",
+            "X509v3 Extended Key Usage:",
+            "X509v3 Subject Key Identifier:",
+            "X509v3 Basic Constraints: critical",
+        ],
+        "{text}"
+    );
+    assert!(text.contains(&format!("URI:{identity}\n")), "{text}");
+    assert!(
+        text.contains("Digital Signature, Key Encipherment"),
+        "{text}"
+    );
+    assert!(
+        text.contains("TLS Web Server Authentication, TLS Web Client Authentication"),
+        "{text}"
+    );
+    assert!(text.contains("CA:FALSE"), "{text}");
+    assert!(
+        !text.contains("DNS:") && !text.contains("IP Address:"),
+        "{text}"
+    );
+}
+
+fn pubkey_of(path_or_pem: &str, is_cert: bool, dir: &Path) -> Vec<u8> {
+    if is_cert {
+        let f = dir.join("pk-cert.pem");
+        std::fs::write(&f, path_or_pem).unwrap();
+        openssl(&["x509", "-noout", "-pubkey", "-in", f.to_str().unwrap()])
+    } else {
+        openssl(&["pkey", "-pubout", "-in", path_or_pem])
+    }
+}
+
+#[tokio::test]
+async fn a_sidecar_shaped_rsa_csr_with_a_critical_san_gets_a_certificate_openssl_verifies() {
+    let f = Fixture::new(harness!()).await;
+    let dir = f.dir.path();
+    let key = openssl_key(dir, "sidecar", "rsa:2048");
+    let csr = openssl_csr(
+        &key,
+        "/O=",
+        &[&format!(
+            "subjectAltName=critical,URI:{}",
+            f.identity("web")
+        )],
+    );
+    let token = f.token("web").await;
+    let chain = f
+        .call(&csr, Some(&token), Some(CLUSTER))
+        .await
+        .expect("issued");
+    let text = verify_with_openssl(dir, &chain);
+    assert_exact_extensions(&text, &f.identity("web"));
+    assert_eq!(
+        pubkey_of(&chain[0], true, dir),
+        pubkey_of(key.to_str().unwrap(), false, dir)
+    );
+    assert!(
+        text.contains("Subject: \n") || text.contains("Subject:\n") || text.contains("Subject: \r"),
+        "{text}"
+    );
+    f.stop().await;
+}
+
+#[tokio::test]
+async fn a_ztunnel_shaped_p256_csr_without_subject_and_a_non_critical_san_gets_a_certificate() {
+    let f = Fixture::new(harness!()).await;
+    let dir = f.dir.path();
+    let key = openssl_key(dir, "ztunnel", "ec");
+    let csr = openssl_csr(
+        &key,
+        "/",
+        &[&format!("subjectAltName=URI:{}", f.identity("web"))],
+    );
+    let token = f.token("web").await;
+    // ztunnel sends no clusterid header when unset: that is accepted too.
+    let chain = f.call(&csr, Some(&token), None).await.expect("issued");
+    let text = verify_with_openssl(dir, &chain);
+    // Our leaf marks the SAN critical (empty subject) whatever the CSR said.
+    assert_exact_extensions(&text, &f.identity("web"));
+    assert!(text.contains("ASN1 OID: prime256v1"), "{text}");
+    // The same token again is served from the TokenReview cache.
+    f.call(&csr, Some(&token), None)
+        .await
+        .expect("issued again");
+    let metrics = f.metrics().await;
+    assert!(
+        metric_value(
+            &metrics,
+            "meshid_token_cache_lookups_total{result=\"hit_positive\"}"
+        ) >= 1,
+        "{metrics}"
+    );
+    assert_eq!(
+        metric_value(
+            &metrics,
+            "meshid_tokenreviews_total{result=\"authenticated\"}"
+        ),
+        1,
+        "{metrics}"
+    );
+    f.stop().await;
+}
+
+#[tokio::test]
+async fn every_bad_request_is_refused_with_the_right_status_and_no_certificate_is_issued() {
+    let f = Fixture::new(harness!()).await;
+    let dir = f.dir.path();
+    let me = f.identity("web");
+    let ec = openssl_key(dir, "ec", "ec");
+    let good = openssl_csr(&ec, "/", &[&format!("subjectAltName=URI:{me}")]);
+    let token = f.token("web").await;
+    let other_audience = f
+        .harness
+        .request_token(
+            &f.ns,
+            "web",
+            &TokenOptions::for_audiences(["some-other-service"]),
+        )
+        .await
+        .unwrap();
+    let expired = f
+        .harness
+        .resign_token(&token, |claims| {
+            let past = common::kube::unix_now() - 3600;
+            claims.insert("exp".into(), past.into());
+            claims.insert("nbf".into(), (past - 600).into());
+            claims.insert("iat".into(), (past - 600).into());
+        })
+        .unwrap();
+    let mut tampered = {
+        use base64::Engine;
+        let b64: String = good.lines().filter(|l| !l.starts_with("-----")).collect();
+        base64::engine::general_purpose::STANDARD
+            .decode(b64)
+            .unwrap()
+    };
+    let last = tampered.len() - 1;
+    tampered[last] ^= 1;
+    let tampered = {
+        use base64::Engine;
+        format!(
+            "-----BEGIN CERTIFICATE REQUEST-----\n{}\n-----END CERTIFICATE REQUEST-----\n",
+            base64::engine::general_purpose::STANDARD.encode(&tampered)
+        )
+    };
+    let rsa1024 = openssl_key(dir, "weak", "rsa:1024");
+    // (what, csr, bearer token, clusterid header, expected status)
+    type Case<'a> = (&'a str, String, Option<&'a str>, Option<&'a str>, Code);
+    let cases: Vec<Case> = vec![
+        (
+            "another identity's SAN",
+            openssl_csr(
+                &ec,
+                "/",
+                &[&format!("subjectAltName=URI:{}", f.identity("admin"))],
+            ),
+            Some(&token),
+            None,
+            Code::PermissionDenied,
+        ),
+        (
+            "an extra DNS SAN",
+            openssl_csr(
+                &ec,
+                "/",
+                &[&format!("subjectAltName=URI:{me},DNS:evil.example")],
+            ),
+            Some(&token),
+            None,
+            Code::InvalidArgument,
+        ),
+        (
+            "a CA:true request",
+            openssl_csr(
+                &ec,
+                "/",
+                &[
+                    &format!("subjectAltName=URI:{me}"),
+                    "basicConstraints=critical,CA:TRUE",
+                ],
+            ),
+            Some(&token),
+            None,
+            Code::InvalidArgument,
+        ),
+        (
+            "a bad signature",
+            tampered,
+            Some(&token),
+            None,
+            Code::InvalidArgument,
+        ),
+        (
+            "an RSA-1024 key",
+            openssl_csr(&rsa1024, "/", &[&format!("subjectAltName=URI:{me}")]),
+            Some(&token),
+            None,
+            Code::InvalidArgument,
+        ),
+        (
+            "garbage PEM",
+            "-----BEGIN CERTIFICATE REQUEST-----\n!!\n".into(),
+            Some(&token),
+            None,
+            Code::InvalidArgument,
+        ),
+        (
+            "an empty CSR",
+            String::new(),
+            Some(&token),
+            None,
+            Code::InvalidArgument,
+        ),
+        (
+            "a token for another audience",
+            good.clone(),
+            Some(&other_audience),
+            None,
+            Code::Unauthenticated,
+        ),
+        (
+            "an expired token",
+            good.clone(),
+            Some(&expired),
+            None,
+            Code::Unauthenticated,
+        ),
+        (
+            "no authorization header",
+            good.clone(),
+            None,
+            None,
+            Code::Unauthenticated,
+        ),
+        (
+            "a wrong clusterid",
+            good.clone(),
+            Some(&token),
+            Some("other-cluster"),
+            Code::PermissionDenied,
+        ),
+    ];
+    for (what, csr, token, cluster, code) in cases {
+        let status = f.call(&csr, token, cluster).await.expect_err(what);
+        assert_eq!(status.code(), code, "{what}: {status:?}");
+        assert!(
+            !status.message().contains("127.0.0.1"),
+            "{what}: leaks backend detail: {status:?}"
+        );
+    }
+    assert_eq!(
+        f.issued_count().await,
+        0,
+        "no certificate may be issued for a refused request"
+    );
+    // The same server still issues for a good request.
+    f.call(&good, Some(&token), None)
+        .await
+        .expect("good request");
+    assert_eq!(f.issued_count().await, 1);
+    f.stop().await;
+}
+
+#[tokio::test]
+async fn a_token_bound_to_a_deleted_pod_is_refused() {
+    let f = Fixture::new(harness!()).await;
+    let pod = f
+        .harness
+        .create_pod(&f.ns, "web-0", "web", "node-a")
+        .await
+        .unwrap();
+    let token = f
+        .harness
+        .request_token(
+            &f.ns,
+            "web",
+            &TokenOptions::for_audiences(["istio-ca"]).bound_to(&pod),
+        )
+        .await
+        .unwrap();
+    let key = openssl_key(f.dir.path(), "k", "ec");
+    let csr = openssl_csr(
+        &key,
+        "/",
+        &[&format!("subjectAltName=URI:{}", f.identity("web"))],
+    );
+    f.harness.delete_pod(&f.ns, "web-0").await.unwrap();
+    let status = f
+        .call(&csr, Some(&token), None)
+        .await
+        .expect_err("deleted pod");
+    assert_eq!(status.code(), Code::Unauthenticated);
+    f.stop().await;
+}
+
+#[tokio::test]
+async fn an_unreachable_apiserver_fails_closed_with_unavailable() {
+    let h = harness!();
+    // A port that was just free: nothing listens there.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let f = Fixture::with_apiserver(h, Some(&format!("https://127.0.0.1:{port}"))).await;
+    let key = openssl_key(f.dir.path(), "k", "ec");
+    let csr = openssl_csr(
+        &key,
+        "/",
+        &[&format!("subjectAltName=URI:{}", f.identity("web"))],
+    );
+    let token = f.token("web").await;
+    let status = f
+        .call(&csr, Some(&token), None)
+        .await
+        .expect_err("apiserver down");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert_eq!(f.issued_count().await, 0);
+    f.stop().await;
+}
+
+#[tokio::test]
+async fn a_server_whose_service_account_may_not_create_tokenreviews_fails_closed() {
+    let h = harness!();
+    let ns = h.create_namespace("norbac").await.unwrap();
+    h.create_service_account(&ns, "meshid").await.unwrap();
+    h.create_service_account(&ns, "web").await.unwrap();
+    let server_token = h
+        .request_token(&ns, "meshid", &TokenOptions::default())
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    write_token_kubeconfig(&h, &server_token, None, &kubeconfig);
+    let args = ServerArgs {
+        listen: Some("127.0.0.1:0".parse().unwrap()),
+        http_listen: Some("127.0.0.1:0".parse().unwrap()),
+        ca_dir: Some(dir.path().join("ca")),
+        kubeconfig: Some(kubeconfig),
+        serving_hosts: Some(vec!["meshid.meshid-system.svc".into()]),
+        root_configmap: Some(false),
+        ..Default::default()
+    };
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let server = start_server(args.validate().unwrap(), async move {
+        let _ = rx.await;
+    })
+    .await
+    .unwrap();
+    let f = Fixture {
+        harness: h,
+        ns,
+        dir,
+        server,
+        stop: Some(tx),
+    };
+    let key = openssl_key(f.dir.path(), "k", "ec");
+    let csr = openssl_csr(
+        &key,
+        "/",
+        &[&format!("subjectAltName=URI:{}", f.identity("web"))],
+    );
+    let token = f.token("web").await;
+    let status = f
+        .call(&csr, Some(&token), None)
+        .await
+        .expect_err("forbidden TokenReview");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    f.stop().await;
+}
+
+#[tokio::test]
+async fn probes_report_ready_and_the_server_drains_on_shutdown() {
+    let f = Fixture::new(harness!()).await;
+    let addr = f.server.http_addr;
+    let ready = tokio::task::spawn_blocking(move || http_get(addr, "/readyz"))
+        .await
+        .unwrap();
+    assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
+    let healthy = tokio::task::spawn_blocking(move || http_get(addr, "/healthz"))
+        .await
+        .unwrap();
+    assert!(healthy.starts_with("HTTP/1.1 200"), "{healthy}");
+    let metrics = f.metrics().await;
+    assert!(
+        metrics.contains("meshid_certificate_expiry_timestamp_seconds{cert=\"root\"}"),
+        "{metrics}"
+    );
+    let grpc = f.server.grpc_addr;
+    f.stop().await;
+    assert!(
+        std::net::TcpStream::connect_timeout(&grpc, Duration::from_secs(1)).is_err(),
+        "listener closed"
+    );
+}

@@ -1,0 +1,7 @@
+//! Helpers shared by the integration tests. Each test binary that needs them
+//! declares `mod common;`.
+
+pub mod envoy;
+pub mod kube;
+pub mod meshid;
+pub mod moto;
