@@ -19,6 +19,8 @@ struct Cli {
 enum Command {
     /// Serve Istio's CA API (CreateCertificate) with TokenReview authentication.
     Server(Box<ServerArgs>),
+    /// Get an SVID from an Istio-compatible CA and serve it to Envoy over SDS, rotating it.
+    Agent(Box<meshid::agent::AgentConfig>),
     /// Run a local CA and one real certificate round trip, then print the certificate.
     Quickstart(QuickstartArgs),
 }
@@ -51,6 +53,12 @@ async fn main() -> ExitCode {
     let cli = Cli::parse();
     let result: anyhow::Result<()> = match cli.command {
         Command::Server(args) => run_server(*args).await,
+        Command::Agent(cfg) => {
+            init_logging(cfg.log_format, "info");
+            meshid::agent::run_agent(*cfg, shutdown_signal())
+                .await
+                .map_err(Into::into)
+        }
         Command::Quickstart(args) => {
             init_logging(LogFormat::Text, "error");
             match meshid::quickstart::run(args).await {
@@ -65,7 +73,7 @@ async fn main() -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("meshid: {e:#}");
+            eprintln!("meshid: {e}");
             ExitCode::FAILURE
         }
     }

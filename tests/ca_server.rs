@@ -43,14 +43,18 @@ struct Fixture {
 
 impl Fixture {
     async fn new(h: Harness) -> Self {
-        Self::with_apiserver(h, None).await
+        Self::build(h, None, true).await
     }
 
-    async fn with_apiserver(h: Harness, apiserver: Option<&str>) -> Self {
+    /// `apiserver` overrides the URL meshid uses; `may_review` grants its service account
+    /// `create tokenreviews`.
+    async fn build(h: Harness, apiserver: Option<&str>, may_review: bool) -> Self {
         let ns = h.create_namespace("ca").await.unwrap();
         h.create_service_account(&ns, "meshid").await.unwrap();
         h.create_service_account(&ns, "web").await.unwrap();
-        h.grant_token_review(&ns, "meshid").await.unwrap();
+        if may_review {
+            h.grant_token_review(&ns, "meshid").await.unwrap();
+        }
         let server_token = h
             .request_token(&ns, "meshid", &TokenOptions::default())
             .await
@@ -497,7 +501,7 @@ async fn an_unreachable_apiserver_fails_closed_with_unavailable() {
         .local_addr()
         .unwrap()
         .port();
-    let f = Fixture::with_apiserver(h, Some(&format!("https://127.0.0.1:{port}"))).await;
+    let f = Fixture::build(h, Some(&format!("https://127.0.0.1:{port}")), true).await;
     let key = openssl_key(f.dir.path(), "k", "ec");
     let csr = openssl_csr(
         &key,
@@ -516,39 +520,7 @@ async fn an_unreachable_apiserver_fails_closed_with_unavailable() {
 
 #[tokio::test]
 async fn a_server_whose_service_account_may_not_create_tokenreviews_fails_closed() {
-    let h = harness!();
-    let ns = h.create_namespace("norbac").await.unwrap();
-    h.create_service_account(&ns, "meshid").await.unwrap();
-    h.create_service_account(&ns, "web").await.unwrap();
-    let server_token = h
-        .request_token(&ns, "meshid", &TokenOptions::default())
-        .await
-        .unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let kubeconfig = dir.path().join("kubeconfig");
-    write_token_kubeconfig(&h, &server_token, None, &kubeconfig);
-    let args = ServerArgs {
-        listen: Some("127.0.0.1:0".parse().unwrap()),
-        http_listen: Some("127.0.0.1:0".parse().unwrap()),
-        ca_dir: Some(dir.path().join("ca")),
-        kubeconfig: Some(kubeconfig),
-        serving_hosts: Some(vec!["meshid.meshid-system.svc".into()]),
-        root_configmap: Some(false),
-        ..Default::default()
-    };
-    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
-    let server = start_server(args.validate().unwrap(), async move {
-        let _ = rx.await;
-    })
-    .await
-    .unwrap();
-    let f = Fixture {
-        harness: h,
-        ns,
-        dir,
-        server,
-        stop: Some(tx),
-    };
+    let f = Fixture::build(harness!(), None, false).await;
     let key = openssl_key(f.dir.path(), "k", "ec");
     let csr = openssl_csr(
         &key,

