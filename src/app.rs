@@ -53,6 +53,15 @@ pub enum AppError {
     /// The serving certificate is unusable.
     #[error("serving TLS: {0}")]
     Tls(String),
+    /// The `--extra-roots` file could not be read.
+    #[error("cannot read extra roots {path}: {source}")]
+    ExtraRoots {
+        /// The file.
+        path: String,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
     /// The authenticator could not be set up (kubeconfig, token file).
     #[error("authentication setup: {0}")]
     Authn(String),
@@ -290,10 +299,14 @@ pub async fn start_server(
     };
     let anchors = signer.trust_anchors_pem();
     let extra_roots = match &cfg.extra_roots {
-        Some(path) => Some(
-            std::fs::read_to_string(path)
-                .map_err(|e| AppError::Tls(format!("extra roots {}: {e}", path.display())))?,
-        ),
+        Some(path) => {
+            Some(
+                std::fs::read_to_string(path).map_err(|source| AppError::ExtraRoots {
+                    path: path.display().to_string(),
+                    source,
+                })?,
+            )
+        }
         None => None,
     };
     let bundle = trust::combine(&anchors, extra_roots.as_deref())?;
