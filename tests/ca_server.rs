@@ -3,6 +3,8 @@
 //! (`tests/kube-harness/run.sh up`). Issued certificates are cross-checked with openssl.
 //!
 //! Skipped when MESHID_TEST_KUBECONFIG is unset (fails instead under CI=true).
+// Needs the server role, which the agent-only build (`--no-default-features`) leaves out.
+#![cfg(feature = "server")]
 
 mod common;
 

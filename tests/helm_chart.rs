@@ -7,6 +7,8 @@
 //! this test), and the validated settings must say what the file says.
 //!
 //! Skipped when `MESHID_HELM_RENDERED` is unset: run `tests/helm/check.sh`.
+// Needs the server role, which the agent-only build (`--no-default-features`) leaves out.
+#![cfg(feature = "server")]
 
 use std::path::{Path, PathBuf};
 

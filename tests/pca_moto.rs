@@ -9,6 +9,8 @@
 //! against the test double (`src/signer/aws_pca/tests.rs`).
 //!
 //! Skipped when moto is not installed (fails instead under `CI=true`).
+// Needs the server role, which the agent-only build (`--no-default-features`) leaves out.
+#![cfg(feature = "server")]
 
 mod common;
 

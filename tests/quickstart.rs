@@ -1,5 +1,7 @@
 //! The README's first command: `meshid quickstart` issues a real certificate end to end, and the
 //! result is cross-checked with the openssl CLI (an independent implementation).
+// Needs the server role, which the agent-only build (`--no-default-features`) leaves out.
+#![cfg(feature = "server")]
 
 use std::process::Command;
 

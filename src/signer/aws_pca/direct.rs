@@ -11,7 +11,7 @@ use super::limit::{Admission, SingleFlight};
 use super::request::{coalescing_key, leaf_issue_request, split_chain};
 use super::upstream::Upstream;
 use crate::pem::parse_certs;
-use crate::signer::{BoxFuture, IssuedChain, SignRequest, Signer, SignerError};
+use crate::signer::{BoxFuture, IssuedChain, Provenance, SignRequest, Signer, SignerError};
 
 /// Issues every certificate through PCA (`BlankEndEntityCertificate_APIPassthrough`), with
 /// our policy in `ApiPassthrough`. Identical concurrent requests are coalesced; at most
@@ -99,6 +99,7 @@ impl DirectSigner {
             intermediates_pem: split.intermediates_pem,
             serial_hex: split.serial_hex,
             not_after: split.not_after,
+            provenance: Provenance::Upstream,
         })
     }
 }
