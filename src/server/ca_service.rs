@@ -371,14 +371,19 @@ mod tests {
     }
 
     fn signed(signer: &crate::signer::LocalSigner) -> IssuedChain {
-        let key = rcgen::KeyPair::generate().unwrap();
-        let req = SignRequest {
-            profile: LeafProfile::Workload(SpiffeId::for_service_account("td", "a", "b").unwrap()),
-            spki_der: rcgen::PublicKeyData::subject_public_key_info(&key),
-            ttl: Duration::from_secs(600),
-            csr_der: None,
-        };
-        signer.sign_now(&req).unwrap()
+        signer.sign_test_leaf()
+    }
+
+    /// Two unrelated self-generated CAs (with the directories that hold them).
+    fn two_cas() -> (
+        [tempfile::TempDir; 2],
+        crate::signer::LocalSigner,
+        crate::signer::LocalSigner,
+    ) {
+        let dirs = [tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap()];
+        let a = crate::signer::LocalSigner::load_or_generate(dirs[0].path(), "td").unwrap();
+        let b = crate::signer::LocalSigner::load_or_generate(dirs[1].path(), "td").unwrap();
+        (dirs, a, b)
     }
 
     fn bundle_of(signer: &crate::signer::LocalSigner) -> Arc<TrustBundle> {
@@ -387,9 +392,7 @@ mod tests {
 
     #[test]
     fn an_in_process_chain_is_checked_against_the_current_roots() {
-        let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        let a = crate::signer::LocalSigner::load_or_generate(d1.path(), "td").unwrap();
-        let b = crate::signer::LocalSigner::load_or_generate(d2.path(), "td").unwrap();
+        let (_dirs, a, b) = two_cas();
         let cache = IssuerPathCache::new();
         let now = OffsetDateTime::now_utc();
         let issued = signed(&a);
@@ -404,9 +407,7 @@ mod tests {
 
     #[test]
     fn an_upstream_leaf_is_verified_signature_by_signature() {
-        let (d1, d2) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
-        let a = crate::signer::LocalSigner::load_or_generate(d1.path(), "td").unwrap();
-        let b = crate::signer::LocalSigner::load_or_generate(d2.path(), "td").unwrap();
+        let (_dirs, a, b) = two_cas();
         let cache = IssuerPathCache::new();
         let now = OffsetDateTime::now_utc();
         let mut good = signed(&a);

@@ -223,6 +223,23 @@ impl LocalSigner {
     }
 }
 
+#[cfg(test)]
+impl LocalSigner {
+    /// Test helper: a 10-minute workload leaf for `spiffe://td/ns/a/sa/b` and a fresh key.
+    pub(crate) fn sign_test_leaf(&self) -> IssuedChain {
+        let key = KeyPair::generate().expect("key");
+        let req = SignRequest {
+            profile: crate::identity::LeafProfile::Workload(
+                crate::identity::SpiffeId::for_service_account("td", "a", "b").expect("id"),
+            ),
+            spki_der: key.subject_public_key_info(),
+            ttl: Duration::from_secs(600),
+            csr_der: None,
+        };
+        self.sign_now(&req).expect("sign")
+    }
+}
+
 /// Generates a self-signed ECDSA P-256 root: returns (certificate PEM, PKCS#8 key PEM).
 pub(crate) fn generate_root(trust_domain: &str) -> Result<(String, String), SignerError> {
     let key = KeyPair::generate().map_err(SignerError::Sign)?;

@@ -316,8 +316,7 @@ pub fn channel(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::identity::{LeafProfile, SpiffeId};
-    use crate::signer::{LocalSigner, SignRequest, Signer};
+    use crate::signer::{LocalSigner, Signer};
     use std::time::Duration;
 
     fn signer() -> (tempfile::TempDir, LocalSigner) {
@@ -327,14 +326,7 @@ mod tests {
     }
 
     fn leaf(s: &LocalSigner) -> Vec<CertificateDer<'static>> {
-        let key = rcgen::KeyPair::generate().unwrap();
-        let req = SignRequest {
-            profile: LeafProfile::Workload(SpiffeId::for_service_account("td", "a", "b").unwrap()),
-            spki_der: rcgen::PublicKeyData::subject_public_key_info(&key),
-            ttl: Duration::from_secs(600),
-            csr_der: None,
-        };
-        parse_certs(&s.sign_now(&req).unwrap().leaf_pem).unwrap()
+        parse_certs(&s.sign_test_leaf().leaf_pem).unwrap()
     }
 
     #[test]
@@ -422,14 +414,36 @@ mod tests {
         (signer, cert.der().clone())
     }
 
+    /// A root, an intermediate under it, and a bundle of that root.
+    struct PathFixture {
+        root_dir: tempfile::TempDir,
+        path: [CertificateDer<'static>; 1],
+        bundle: Arc<TrustBundle>,
+        cache: IssuerPathCache,
+        now: OffsetDateTime,
+    }
+
+    fn path_fixture() -> PathFixture {
+        let (root_dir, a) = signer();
+        let (_intermediate, inter) = intermediate_signer(root_dir.path());
+        PathFixture {
+            path: [inter],
+            bundle: Arc::new(TrustBundle::from_pem(&a.trust_anchors_pem()[0]).unwrap()),
+            root_dir,
+            cache: IssuerPathCache::new(),
+            now: OffsetDateTime::now_utc(),
+        }
+    }
+
     #[test]
     fn an_issuer_path_is_verified_once_per_bundle_and_again_for_a_new_bundle() {
-        let (d, a) = signer();
-        let (_ib, inter) = intermediate_signer(d.path());
-        let cache = IssuerPathCache::new();
-        let now = OffsetDateTime::now_utc();
-        let bundle = Arc::new(TrustBundle::from_pem(&a.trust_anchors_pem()[0]).unwrap());
-        let path = [inter.clone()];
+        let PathFixture {
+            path,
+            bundle,
+            cache,
+            now,
+            ..
+        } = path_fixture();
         assert_eq!(cache.verify(&bundle, &path, now), Ok(PathCheck::Verified));
         assert_eq!(
             cache.verify(&bundle, &path, now + Duration::from_secs(30)),
@@ -452,12 +466,13 @@ mod tests {
 
     #[test]
     fn a_cached_issuer_path_expires_with_its_certificates_and_after_the_ttl() {
-        let (d, a) = signer();
-        let (_ib, inter) = intermediate_signer(d.path());
-        let cache = IssuerPathCache::new();
-        let now = OffsetDateTime::now_utc();
-        let bundle = Arc::new(TrustBundle::from_pem(&a.trust_anchors_pem()[0]).unwrap());
-        let path = [inter.clone()];
+        let PathFixture {
+            root_dir: d,
+            path,
+            bundle,
+            cache,
+            now,
+        } = path_fixture();
         cache.verify(&bundle, &path, now).unwrap();
         assert_eq!(
             cache.verify(&bundle, &path, now + ISSUER_PATH_TTL),
