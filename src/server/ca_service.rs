@@ -224,27 +224,17 @@ fn verify_issued(
     cache: &IssuerPathCache,
     now: OffsetDateTime,
 ) -> Result<(), TrustError> {
-    let mut ders = Vec::with_capacity(issued.intermediates_pem.len() + 1);
     match &issued.provenance {
-        Provenance::InProcess { issuer } => ders.push(issuer.clone()),
-        Provenance::Upstream => ders
-            .extend(parse_certs(&issued.leaf_pem).map_err(|_| TrustError::Malformed { index: 0 })?),
-    }
-    for pem in &issued.intermediates_pem {
-        let index = ders.len();
-        for der in parse_certs(pem).map_err(|_| TrustError::Malformed { index })? {
-            // A local signer lists its own certificate first among the intermediates.
-            if ders.len() == 1
-                && matches!(&issued.provenance, Provenance::InProcess { issuer } if *issuer == der)
-            {
-                continue;
+        Provenance::InProcess { issuer_path } => cache.verify(bundle, issuer_path, now).map(|_| ()),
+        Provenance::Upstream => {
+            let mut ders =
+                parse_certs(&issued.leaf_pem).map_err(|_| TrustError::Malformed { index: 0 })?;
+            for pem in &issued.intermediates_pem {
+                let index = ders.len();
+                ders.extend(parse_certs(pem).map_err(|_| TrustError::Malformed { index })?);
             }
-            ders.push(der);
+            bundle.verify_chain(&ders, now)
         }
-    }
-    match issued.provenance {
-        Provenance::InProcess { .. } => cache.verify(bundle, &ders, now).map(|_| ()),
-        Provenance::Upstream => bundle.verify_chain(&ders, now),
     }
 }
 

@@ -1,6 +1,7 @@
 //! The local signer: a CA key and certificate held in process memory.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
 
 use rcgen::{
@@ -38,8 +39,9 @@ pub struct LocalSignerFiles {
 /// Signs leaves with an in-memory CA key.
 pub struct LocalSigner {
     issuer: Issuer<'static, KeyPair>,
-    /// The CA certificate whose key is `issuer`'s (checked at load).
-    issuer_der: CertificateDer<'static>,
+    /// The CA certificate whose key is `issuer`'s (checked at load), then the intermediates
+    /// above it: what the server verifies against the trust bundle for every leaf.
+    issuer_path: Arc<[CertificateDer<'static>]>,
     /// Signing CA cert (when it is an intermediate) followed by further intermediates.
     intermediates_pem: Vec<String>,
     roots_pem: Vec<String>,
@@ -135,6 +137,7 @@ impl LocalSigner {
         let issuer = Issuer::from_ca_cert_der(ca_der, key)
             .map_err(|e| invalid(format!("CA certificate: {e}")))?;
         let mut intermediates_pem = Vec::new();
+        let mut issuer_path = vec![ca_der.clone()];
         let roots: Vec<String> = match roots_pem {
             Some(pem) => parse_certs(pem)
                 .map_err(|e| invalid(format!("root bundle: {e}")))?
@@ -154,10 +157,11 @@ impl LocalSigner {
         if let Some(chain) = chain_pem {
             let chain = parse_certs(chain).map_err(|e| invalid(format!("CA chain: {e}")))?;
             intermediates_pem.extend(chain.iter().map(|c| cert_to_pem(c)));
+            issuer_path.extend(chain);
         }
         Ok(Self {
             issuer,
-            issuer_der: ca_der.clone().into_owned(),
+            issuer_path: issuer_path.into(),
             intermediates_pem,
             roots_pem: roots,
             ca_not_after: facts.not_after,
@@ -217,7 +221,7 @@ impl LocalSigner {
             serial_hex,
             not_after: params.not_after,
             provenance: Provenance::InProcess {
-                issuer: self.issuer_der.clone(),
+                issuer_path: Arc::clone(&self.issuer_path),
             },
         })
     }

@@ -77,12 +77,13 @@ pub struct IssuedChain {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Provenance {
     /// Signed in this process with a key that was checked, when it was loaded, to match the
-    /// public key of `issuer` (DER). The leaf's signature is therefore known good; what can
-    /// still go wrong is the path from `issuer` to the current roots, which the server checks
-    /// (and caches per trust bundle).
+    /// public key of the first certificate of `issuer_path`. The leaf's signature is therefore
+    /// known good; what can still go wrong is the path from that issuer to the current roots,
+    /// which the server checks (and caches per trust bundle).
     InProcess {
-        /// The certificate of the key that signed the leaf.
-        issuer: rustls_pki_types::CertificateDer<'static>,
+        /// The signing key's certificate, then the intermediates above it (DER), shared by
+        /// every leaf the signer issues.
+        issuer_path: std::sync::Arc<[rustls_pki_types::CertificateDer<'static>]>,
     },
     /// Returned by an upstream CA (AWS Private CA in direct mode): every signature in the
     /// chain is verified, for every certificate.
