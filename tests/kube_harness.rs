@@ -55,11 +55,9 @@ fn assert_rejected_because(status: &TokenReviewStatus, reason: &str) {
 #[tokio::test]
 async fn a_token_minted_for_a_service_account_is_authenticated_by_token_review() {
     let h = harness!();
-    let ns = h.create_namespace("authn").await.unwrap();
-    h.create_service_account(&ns, "workload").await.unwrap();
-    let token = h
-        .request_token(
-            &ns,
+    let (ns, token) = h
+        .service_account_token(
+            "authn",
             "workload",
             &TokenOptions::for_audiences([CA_AUDIENCE]).expiring_in(600),
         )
@@ -97,11 +95,9 @@ async fn a_token_minted_for_a_service_account_is_authenticated_by_token_review()
 #[tokio::test]
 async fn a_token_for_another_audience_is_unauthenticated_for_the_ca_audience() {
     let h = harness!();
-    let ns = h.create_namespace("audience").await.unwrap();
-    h.create_service_account(&ns, "workload").await.unwrap();
-    let token = h
-        .request_token(
-            &ns,
+    let (_, token) = h
+        .service_account_token(
+            "audience",
             "workload",
             &TokenOptions::for_audiences(["some-other-service"]),
         )
@@ -144,11 +140,9 @@ async fn a_token_with_the_apiserver_audience_is_unauthenticated_for_the_ca_audie
 #[tokio::test]
 async fn an_expired_token_is_unauthenticated() {
     let h = harness!();
-    let ns = h.create_namespace("expired").await.unwrap();
-    h.create_service_account(&ns, "workload").await.unwrap();
-    let token = h
-        .request_token(
-            &ns,
+    let (_, token) = h
+        .service_account_token(
+            "expired",
             "workload",
             &TokenOptions::for_audiences([CA_AUDIENCE]).expiring_in(600),
         )

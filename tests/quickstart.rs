@@ -3,19 +3,13 @@
 // Needs the server role, which the agent-only build (`--no-default-features`) leaves out.
 #![cfg(feature = "server")]
 
+mod common;
+
 use std::process::Command;
 
+/// The openssl CLI's output, as text.
 fn openssl(args: &[&str]) -> String {
-    let out = Command::new("openssl")
-        .args(args)
-        .output()
-        .expect("openssl CLI must be installed");
-    assert!(
-        out.status.success(),
-        "openssl {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    String::from_utf8_lossy(&common::meshid::openssl(args)).into_owned()
 }
 
 #[test]

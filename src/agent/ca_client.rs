@@ -6,7 +6,7 @@ use std::time::Duration;
 use rcgen::{KeyPair, PublicKeyData};
 use time::OffsetDateTime;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
-use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+use x509_parser::prelude::{FromDer, X509Certificate};
 
 use crate::identity::SpiffeId;
 use crate::pem::{cert_to_pem, parse_certs};
@@ -170,24 +170,7 @@ impl Svid {
         if leaf.public_key().raw != key.subject_public_key_info().as_slice() {
             return Err(bad("leaf does not certify our key"));
         }
-        let uris: Vec<&str> = leaf
-            .subject_alternative_name()
-            .ok()
-            .flatten()
-            .map(|san| {
-                san.value
-                    .general_names
-                    .iter()
-                    .filter_map(|n| {
-                        if let GeneralName::URI(u) = n {
-                            Some(*u)
-                        } else {
-                            None
-                        }
-                    })
-                    .collect()
-            })
-            .unwrap_or_default();
+        let uris = crate::identity::uri_sans(&leaf);
         if uris != [expected.to_string().as_str()] {
             return Err(bad("leaf identity does not match"));
         }

@@ -6,4 +6,4 @@ mod spiffe;
 
 pub use csr::{CsrRejection, KeyKind, ValidatedCsr, check_csr};
 pub use leaf::{LeafProfile, leaf_params, random_serial};
-pub use spiffe::{IdentityError, SpiffeId};
+pub use spiffe::{IdentityError, SpiffeId, uri_sans};

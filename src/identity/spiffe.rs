@@ -118,6 +118,25 @@ impl fmt::Debug for SpiffeId {
     }
 }
 
+/// The URI SANs of a parsed certificate, in order (the SPIFFE ID of an SVID is its only one).
+/// A certificate without a readable SAN extension has none.
+pub fn uri_sans<'a>(cert: &x509_parser::certificate::X509Certificate<'a>) -> Vec<&'a str> {
+    cert.subject_alternative_name()
+        .ok()
+        .flatten()
+        .map(|san| {
+            san.value
+                .general_names
+                .iter()
+                .filter_map(|n| match n {
+                    x509_parser::extensions::GeneralName::URI(u) => Some(*u),
+                    _ => None,
+                })
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

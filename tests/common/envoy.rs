@@ -25,7 +25,7 @@ use rustls::{ClientConfig, DigitallySignedStruct, SignatureScheme};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio_rustls::TlsConnector;
-use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
+use x509_parser::prelude::{FromDer, X509Certificate};
 
 /// The Envoy binary, or `None` (after printing why) when it is not installed outside CI.
 /// Under `CI=true` a missing Envoy panics with the install command.
@@ -249,23 +249,10 @@ pub fn uri_sans(der: &[u8]) -> Vec<String> {
     let Ok((_, cert)) = X509Certificate::from_der(der) else {
         return vec![];
     };
-    cert.subject_alternative_name()
-        .ok()
-        .flatten()
-        .map(|san| {
-            san.value
-                .general_names
-                .iter()
-                .filter_map(|n| {
-                    if let GeneralName::URI(u) = n {
-                        Some((*u).to_owned())
-                    } else {
-                        None
-                    }
-                })
-                .collect()
-        })
-        .unwrap_or_default()
+    meshid::identity::uri_sans(&cert)
+        .into_iter()
+        .map(str::to_owned)
+        .collect()
 }
 
 /// The serial of a DER certificate, lowercase hex (as in [`Svid::serial_hex`]).

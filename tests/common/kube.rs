@@ -294,6 +294,21 @@ impl Harness {
         Ok(status.token)
     }
 
+    /// Creates a namespace named after `prefix` with ServiceAccount
+    /// `service_account` in it, and mints a token for that account. Returns
+    /// (namespace, token).
+    pub async fn service_account_token(
+        &self,
+        prefix: &str,
+        service_account: &str,
+        options: &TokenOptions,
+    ) -> anyhow::Result<(String, String)> {
+        let ns = self.create_namespace(prefix).await?;
+        self.create_service_account(&ns, service_account).await?;
+        let token = self.request_token(&ns, service_account, options).await?;
+        Ok((ns, token))
+    }
+
     /// Reviews `token` through the TokenReview API as `client` and returns the
     /// status. `audiences` empty means the apiserver's own audience.
     ///
