@@ -89,6 +89,17 @@ impl Fixture {
         }
     }
 
+    /// A ztunnel-shaped request for `sa`'s own identity: a fresh P-256 key, empty subject,
+    /// the SPIFFE ID as the only (URI) SAN.
+    fn ec_csr(&self, sa: &str) -> String {
+        let key = openssl_key(self.dir.path(), "k", "ec");
+        openssl_csr(
+            &key,
+            "/",
+            &[&format!("subjectAltName=URI:{}", self.identity(sa))],
+        )
+    }
+
     fn identity(&self, sa: &str) -> String {
         format!("spiffe://{TD}/ns/{}/sa/{sa}", self.ns)
     }
@@ -479,12 +490,7 @@ async fn a_token_bound_to_a_deleted_pod_is_refused() {
         )
         .await
         .unwrap();
-    let key = openssl_key(f.dir.path(), "k", "ec");
-    let csr = openssl_csr(
-        &key,
-        "/",
-        &[&format!("subjectAltName=URI:{}", f.identity("web"))],
-    );
+    let csr = f.ec_csr("web");
     f.harness.delete_pod(&f.ns, "web-0").await.unwrap();
     let status = f
         .call(&csr, Some(&token), None)
@@ -504,12 +510,7 @@ async fn an_unreachable_apiserver_fails_closed_with_unavailable() {
         .unwrap()
         .port();
     let f = Fixture::build(h, Some(&format!("https://127.0.0.1:{port}")), true).await;
-    let key = openssl_key(f.dir.path(), "k", "ec");
-    let csr = openssl_csr(
-        &key,
-        "/",
-        &[&format!("subjectAltName=URI:{}", f.identity("web"))],
-    );
+    let csr = f.ec_csr("web");
     let token = f.token("web").await;
     let status = f
         .call(&csr, Some(&token), None)
@@ -523,12 +524,7 @@ async fn an_unreachable_apiserver_fails_closed_with_unavailable() {
 #[tokio::test]
 async fn a_server_whose_service_account_may_not_create_tokenreviews_fails_closed() {
     let f = Fixture::build(harness!(), None, false).await;
-    let key = openssl_key(f.dir.path(), "k", "ec");
-    let csr = openssl_csr(
-        &key,
-        "/",
-        &[&format!("subjectAltName=URI:{}", f.identity("web"))],
-    );
+    let csr = f.ec_csr("web");
     let token = f.token("web").await;
     let status = f
         .call(&csr, Some(&token), None)

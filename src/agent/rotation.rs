@@ -268,6 +268,14 @@ mod tests {
         _dir: tempfile::TempDir,
     }
 
+    impl Running {
+        /// Asks the loop to stop and waits until it has.
+        async fn shut_down(self) {
+            self.stop.send_replace(true);
+            self.task.await.unwrap();
+        }
+    }
+
     fn start(ttl: Duration, outcomes: Vec<Outcome>) -> Running {
         let dir = tempfile::tempdir().unwrap();
         let identity = SpiffeId::for_service_account("cluster.local", "shop", "cart").unwrap();
@@ -331,8 +339,7 @@ mod tests {
                 .encode()
                 .contains("meshid_agent_rotation_failures_total{reason=\"invalid_response\"} 1")
         );
-        r.stop.send_replace(true);
-        r.task.await.unwrap();
+        r.shut_down().await;
     }
 
     #[tokio::test(start_paused = true)]
@@ -356,8 +363,7 @@ mod tests {
             second.key_pem(),
             "every rotation must use a fresh key"
         );
-        r.stop.send_replace(true);
-        r.task.await.unwrap();
+        r.shut_down().await;
     }
 
     #[tokio::test(start_paused = true)]
@@ -369,8 +375,7 @@ mod tests {
         wait_for_calls(&r.ca, 2).await;
         let tokens: Vec<String> = r.ca.calls().into_iter().map(|c| c.token).collect();
         assert_eq!(tokens[..2], ["token-1".to_owned(), "token-2".to_owned()]);
-        r.stop.send_replace(true);
-        r.task.await.unwrap();
+        r.shut_down().await;
     }
 
     #[tokio::test(start_paused = true)]
@@ -416,8 +421,7 @@ mod tests {
                 .encode()
                 .contains("meshid_agent_rotation_failures_total{reason=\"ca_unavailable\"} 7")
         );
-        r.stop.send_replace(true);
-        r.task.await.unwrap();
+        r.shut_down().await;
     }
 
     #[tokio::test(start_paused = true)]
@@ -446,7 +450,6 @@ mod tests {
         std::fs::write(r._dir.path().join("token"), "token-3").unwrap();
         wait_for_calls(&r.ca, 2).await;
         assert_eq!(r.ca.calls()[1].token, "token-3");
-        r.stop.send_replace(true);
-        r.task.await.unwrap();
+        r.shut_down().await;
     }
 }
