@@ -14,14 +14,14 @@ use std::time::Duration;
 
 use common::kube::{Harness, TokenOptions, eventually, rule};
 use common::meshid::{
-    http_get, metric_value, openssl, openssl_csr, openssl_key, write_token_kubeconfig,
+    ca_client, http_get, metric_value, openssl, openssl_csr, openssl_key, write_token_kubeconfig,
 };
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use kube::Api;
 use kube::api::{Patch, PatchParams, PostParams};
-use meshid::agent::{CaClient, generate_csr};
+use meshid::agent::generate_csr;
 use meshid::app::{ServerHandle, start_server};
 use meshid::config::ServerArgs;
 use meshid::identity::SpiffeId;
@@ -212,13 +212,7 @@ async fn workload_cert(s: &Setup, server: &Running, ns: &str, sa: &str) -> Strin
             .unwrap();
     let id = SpiffeId::for_service_account("cluster.local", ns, sa).unwrap();
     let (_key, csr) = generate_csr(&id, Default::default()).unwrap();
-    let client = CaClient::new(
-        &format!("https://{}", server.handle.grpc_addr),
-        &server.handle.root_pem,
-        Some("localhost"),
-        None,
-    )
-    .unwrap();
+    let client = ca_client(&server.handle);
     let chain = client
         .create_certificate(&csr, &token, Duration::from_secs(3600), None)
         .await
@@ -540,13 +534,7 @@ async fn impersonate(
         )]
         .into(),
     };
-    let client = CaClient::new(
-        &format!("https://{}", server.handle.grpc_addr),
-        &server.handle.root_pem,
-        Some("localhost"),
-        None,
-    )
-    .unwrap();
+    let client = ca_client(&server.handle);
     client
         .create_certificate(&csr, token, Duration::from_secs(3600), Some(metadata))
         .await

@@ -17,9 +17,9 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::meshid::{http_get, metric_value, openssl};
+use common::meshid::{ca_client, http_get, metric_value, openssl};
 use common::moto::{Flavour, Moto};
-use meshid::agent::{CaClient, Svid, WorkloadKeyType, generate_csr};
+use meshid::agent::{Svid, WorkloadKeyType, generate_csr};
 use meshid::app::{AppError, ServerHandle, start_server};
 use meshid::config::{ServerArgs, SignerKind};
 use meshid::identity::SpiffeId;
@@ -75,13 +75,7 @@ impl Server {
     /// One workload rotation: new key, CSR, CreateCertificate; the response is validated by
     /// the agent's `Svid` and by `openssl verify`. Returns the raw chain.
     async fn rotate(&self) -> Vec<String> {
-        let client = CaClient::new(
-            &format!("https://{}", self.handle.grpc_addr),
-            &self.handle.root_pem,
-            Some("localhost"),
-            None,
-        )
-        .unwrap();
+        let client = ca_client(&self.handle);
         let (key, csr) = generate_csr(&identity(), WorkloadKeyType::EcdsaP256).unwrap();
         let chain = client
             .create_certificate(&csr, TOKEN, Duration::from_secs(3600), None)

@@ -57,6 +57,18 @@ pub fn metric_value(text: &str, series: &str) -> u64 {
         .unwrap_or(0)
 }
 
+/// A CA API client for `server`, verifying its self-issued serving certificate (which names
+/// `localhost`) against the server's root.
+pub fn ca_client(server: &meshid::app::ServerHandle) -> meshid::agent::CaClient {
+    meshid::agent::CaClient::new(
+        &format!("https://{}", server.grpc_addr),
+        &server.root_pem,
+        Some("localhost"),
+        None,
+    )
+    .expect("CA client")
+}
+
 /// Runs the openssl CLI and returns stdout; panics with stderr on failure.
 pub fn openssl(args: &[&str]) -> Vec<u8> {
     let out = Command::new("openssl")
