@@ -23,7 +23,7 @@ use crate::controller::{Controllers, spawn_elector};
 use crate::identity::LeafProfile;
 use crate::proto::IstioCertificateServiceServer;
 use crate::server::{
-    CaService, Durations, Readiness, ServingCertResolver, http_router, serving_config,
+    CaService, CoalescingIo, Durations, Readiness, ServingCertResolver, http_router, serving_config,
 };
 use crate::signer::{LocalSigner, SignRequest, Signer};
 use crate::telemetry::{CertLabels, ServerMetrics};
@@ -235,7 +235,7 @@ async fn export_root_expiry(
 async fn accept_tls(
     listener: TcpListener,
     acceptor: TlsAcceptor,
-    tx: mpsc::Sender<Result<TlsStream<TcpStream>, std::io::Error>>,
+    tx: mpsc::Sender<Result<CoalescingIo<TlsStream<TcpStream>>, std::io::Error>>,
     mut shutdown: watch::Receiver<bool>,
 ) {
     loop {
@@ -251,7 +251,7 @@ async fn accept_tls(
                 tokio::spawn(async move {
                     match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
                         Ok(Ok(tls)) => {
-                            let _ = tx.send(Ok(tls)).await;
+                            let _ = tx.send(Ok(CoalescingIo::new(tls))).await;
                         }
                         Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
                         Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),

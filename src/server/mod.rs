@@ -2,11 +2,13 @@
 //! probes/metrics endpoint.
 
 mod ca_service;
+mod coalesce;
 mod http;
 mod rejection;
 mod tls;
 
 pub use ca_service::{CaService, Durations, ImpersonationAuthorizer};
+pub use coalesce::CoalescingIo;
 pub use http::{Readiness, http_router};
 pub use rejection::Rejection;
 pub use tls::{ServingCertResolver, TlsError, serving_config};
