@@ -1,0 +1,9 @@
+//! Logging (tracing, with a JSON line format of our own) and Prometheus metrics.
+
+mod json;
+mod logging;
+mod metrics;
+
+pub use json::{JsonFields, JsonLines};
+pub use logging::{LOG_QUEUE_LINES, LogFormat, LogGuard, init_logging, init_logging_to};
+pub use metrics::{CertLabels, OutcomeLabels, ResultLabels, ServerMetrics};
