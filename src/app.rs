@@ -23,7 +23,8 @@ use crate::controller::{Controllers, spawn_elector};
 use crate::identity::LeafProfile;
 use crate::proto::IstioCertificateServiceServer;
 use crate::server::{
-    CaService, CoalescingIo, Durations, Readiness, ServingCertResolver, http_router, serving_config,
+    CaService, CoalescingIo, Durations, GrpcServices, Readiness, ServingCertResolver, http_router,
+    serving_config,
 };
 use crate::signer::{LocalSigner, SignRequest, Signer};
 use crate::telemetry::{CertLabels, ServerMetrics};
@@ -476,12 +477,13 @@ pub async fn start_server(
             tokio::spawn(r.run(shutdown_rx.clone()));
         }
         let mut grpc_stop = shutdown_rx.clone();
-        let grpc = tonic::transport::Server::builder()
-            .add_service(health_service)
-            .add_service(IstioCertificateServiceServer::new(ca))
-            .serve_with_incoming_shutdown(ReceiverStream::new(conn_rx), async move {
+        let grpc = tonic::transport::Server::builder().serve_with_incoming_shutdown(
+            GrpcServices::new(IstioCertificateServiceServer::new(ca), health_service),
+            ReceiverStream::new(conn_rx),
+            async move {
                 let _ = grpc_stop.wait_for(|s| *s).await;
-            });
+            },
+        );
         let mut http_stop = shutdown_rx.clone();
         let http = axum::serve(http_listener, router).with_graceful_shutdown(async move {
             let _ = http_stop.wait_for(|s| *s).await;

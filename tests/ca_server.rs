@@ -111,18 +111,22 @@ impl Fixture {
             .unwrap()
     }
 
-    async fn client(&self) -> IstioCertificateServiceClient<Channel> {
+    /// A TLS channel to the gRPC endpoint, verifying the serving certificate against the root.
+    async fn channel(&self) -> Channel {
         let tls = ClientTlsConfig::new()
             .ca_certificate(Certificate::from_pem(&self.server.root_pem))
             .domain_name("meshid.meshid-system.svc");
-        let channel = Endpoint::from_shared(format!("https://{}", self.server.grpc_addr))
+        Endpoint::from_shared(format!("https://{}", self.server.grpc_addr))
             .unwrap()
             .tls_config(tls)
             .unwrap()
             .connect()
             .await
-            .unwrap();
-        IstioCertificateServiceClient::new(channel)
+            .unwrap()
+    }
+
+    async fn client(&self) -> IstioCertificateServiceClient<Channel> {
+        IstioCertificateServiceClient::new(self.channel().await)
     }
 
     /// Calls CreateCertificate with optional bearer token and clusterid headers.
@@ -557,4 +561,50 @@ async fn probes_report_ready_and_the_server_drains_on_shutdown() {
         std::net::TcpStream::connect_timeout(&grpc, Duration::from_secs(1)).is_err(),
         "listener closed"
     );
+}
+
+#[tokio::test]
+async fn the_grpc_endpoint_answers_health_checks_and_unknown_methods_with_unimplemented() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let f = Fixture::new(harness!()).await;
+    let channel = f.channel().await;
+    let mut health = HealthClient::new(channel.clone());
+    for service in ["", "istio.v1.auth.IstioCertificateService"] {
+        let status = health
+            .check(HealthCheckRequest {
+                service: service.into(),
+            })
+            .await
+            .unwrap_or_else(|e| panic!("health check of {service:?}: {e:?}"))
+            .into_inner()
+            .status;
+        assert_eq!(status, ServingStatus::Serving as i32, "{service:?}");
+    }
+    let unknown = health
+        .check(HealthCheckRequest {
+            service: "no.such.Service".into(),
+        })
+        .await
+        .expect_err("unknown service");
+    assert_eq!(unknown.code(), Code::NotFound, "{unknown:?}");
+    // A method the CA service lacks, and a service the endpoint does not serve.
+    for path in [
+        "/istio.v1.auth.IstioCertificateService/DeleteCertificate",
+        "/no.such.Service/Call",
+    ] {
+        let mut grpc = tonic::client::Grpc::new(channel.clone());
+        grpc.ready().await.unwrap();
+        let status = grpc
+            .unary(
+                tonic::Request::new(IstioCertificateRequest::default()),
+                http::uri::PathAndQuery::from_static(path),
+                tonic_prost::ProstCodec::<IstioCertificateRequest, IstioCertificateRequest>::default(),
+            )
+            .await
+            .expect_err("unimplemented");
+        assert_eq!(status.code(), Code::Unimplemented, "{path}: {status:?}");
+    }
+    assert_eq!(f.issued_count().await, 0);
+    f.stop().await;
 }

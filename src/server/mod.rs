@@ -5,10 +5,12 @@ mod ca_service;
 mod coalesce;
 mod http;
 mod rejection;
+mod routes;
 mod tls;
 
 pub use ca_service::{CaService, Durations, ImpersonationAuthorizer};
 pub use coalesce::CoalescingIo;
 pub use http::{Readiness, http_router};
 pub use rejection::Rejection;
+pub use routes::GrpcServices;
 pub use tls::{ServingCertResolver, TlsError, serving_config};
