@@ -3,8 +3,8 @@
 //! shared machine.
 //!
 //! Run: `cargo bench --bench create_certificate` (options after `--`: `--seconds N`,
-//! `--concurrency N`, `--connections N`, `--key p256|rsa2048`, `--client rust|h2load|both`,
-//! `--pin`).
+//! `--concurrency N`, `--connections N`, `--streams N` (h2load streams per connection),
+//! `--key p256|rsa2048`, `--client rust|h2load|both`, `--pin`).
 //!
 //! Two setups:
 //! - default: the server and the load generators share every core, and the raw limit is the
@@ -35,6 +35,8 @@ struct Opts {
     seconds: u64,
     concurrency: usize,
     connections: usize,
+    /// h2load's concurrent streams per connection (`-m`).
+    streams: usize,
     key: WorkloadKeyType,
     /// Which load generators to run: `rust`, `h2load` or `both`.
     client: String,
@@ -63,6 +65,7 @@ fn opts() -> Option<Opts> {
         connections: get("--connections")
             .and_then(|v| v.parse().ok())
             .unwrap_or(4),
+        streams: get("--streams").and_then(|v| v.parse().ok()).unwrap_or(8),
         key: match get("--key").as_deref() {
             Some("rsa2048") => WorkloadKeyType::Rsa2048,
             _ => WorkloadKeyType::EcdsaP256,
@@ -284,8 +287,8 @@ async fn bench(o: Opts, cores: usize) {
         Some((issued, secs)) => {
             let r = issued as f64 / secs;
             println!(
-                "| end-to-end over TLS, h2load client ({} conns × 8 streams, 4 rounds, {secs:.0}s) | {r:.0} certificates/s |",
-                o.connections
+                "| end-to-end over TLS, h2load client ({} conns × {} streams, 4 rounds, {secs:.0}s) | {r:.0} certificates/s |",
+                o.connections, o.streams
             );
             println!(
                 "| end-to-end / raw limit (h2load client) | {:.0}% |",
@@ -413,7 +416,7 @@ async fn run_h2load(
         "-c".into(),
         o.connections.to_string(),
         "-m".into(),
-        "8".into(),
+        o.streams.to_string(),
         "-D".into(),
         seconds.to_string(),
         "-d".into(),
