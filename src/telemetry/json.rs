@@ -274,65 +274,38 @@ fn digits(out: &mut [u8], mut value: u32) -> fmt::Result {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::{Arc, Mutex};
-    use tracing_subscriber::fmt::MakeWriter;
+    use crate::telemetry::testing::SharedBuf;
 
-    #[derive(Clone, Default)]
-    struct Lines(Arc<Mutex<Vec<u8>>>);
-
-    impl std::io::Write for Lines {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-
-    impl<'a> MakeWriter<'a> for Lines {
-        type Writer = Lines;
-        fn make_writer(&'a self) -> Self::Writer {
-            self.clone()
-        }
-    }
-
-    impl Lines {
-        fn parsed(&self) -> Vec<serde_json::Value> {
-            let out = self.0.lock().unwrap_or_else(|e| e.into_inner());
-            String::from_utf8(out.clone())
-                .expect("utf-8")
-                .lines()
-                .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
-                .collect()
-        }
+    fn parsed(lines: &SharedBuf) -> Vec<serde_json::Value> {
+        lines
+            .text()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{e}: {l}")))
+            .collect()
     }
 
     /// Runs `f` with our format installed for this thread, and returns the parsed lines.
     fn ours(f: impl FnOnce()) -> Vec<serde_json::Value> {
-        let lines = Lines::default();
+        let lines = SharedBuf::default();
         let subscriber = tracing_subscriber::fmt()
             .with_writer(lines.clone())
             .fmt_fields(JsonFields)
             .event_format(JsonLines)
             .finish();
         tracing::subscriber::with_default(subscriber, f);
-        lines.parsed()
+        parsed(&lines)
     }
 
     /// The same with tracing-subscriber's own JSON format, as the independent reference.
     fn reference(f: impl FnOnce()) -> Vec<serde_json::Value> {
-        let lines = Lines::default();
+        let lines = SharedBuf::default();
         let subscriber = tracing_subscriber::fmt()
             .with_writer(lines.clone())
             .json()
             .flatten_event(true)
             .finish();
         tracing::subscriber::with_default(subscriber, f);
-        lines.parsed()
+        parsed(&lines)
     }
 
     #[derive(Debug)]

@@ -72,23 +72,7 @@ pub fn init_logging_to(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::{Arc, Mutex};
-
-    #[derive(Clone, Default)]
-    struct SharedBuf(Arc<Mutex<Vec<u8>>>);
-
-    impl std::io::Write for SharedBuf {
-        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-            self.0
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .extend_from_slice(buf);
-            Ok(buf.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
+    use crate::telemetry::testing::SharedBuf;
 
     #[test]
     fn no_log_line_is_dropped_when_the_writer_queue_overflows() {
@@ -102,9 +86,8 @@ mod tests {
             tracing::info!(target: "meshid::audit", seq = i, "overflow-check");
         }
         drop(guard);
-        let out = buf.0.lock().unwrap_or_else(|e| e.into_inner());
-        let text = String::from_utf8_lossy(&out);
-        let written = text
+        let written = buf
+            .text()
             .lines()
             .filter(|l| l.contains("overflow-check"))
             .count();

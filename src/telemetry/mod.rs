@@ -3,6 +3,8 @@
 mod json;
 mod logging;
 mod metrics;
+#[cfg(test)]
+mod testing;
 
 pub use json::{JsonFields, JsonLines};
 pub use logging::{LOG_QUEUE_LINES, LogFormat, LogGuard, init_logging, init_logging_to};
