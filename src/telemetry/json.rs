@@ -3,10 +3,10 @@
 //! tracing-subscriber's own JSON format serialises every field through serde_json, one small
 //! write at a time, each validated as UTF-8 again on its way into the line; and it stores span
 //! fields as JSON text that it parses back for every event. For the server's audit line (one per
-//! certificate) that was about a tenth of the cost of an issuance. This format writes the same
-//! objects directly: keys and strings are escaped as they are written, numbers are formatted in
-//! place, and span fields are stored as ready-made `"key":value` members that are copied into
-//! each line as they are.
+//! certificate) that cost about 5 points of the throughput benchmark's ratio (docs/BENCHMARKS.md),
+//! against 1–4 with this format. This format writes the same objects directly: keys and strings
+//! are escaped as they are written, numbers are formatted in place, and span fields are stored
+//! as ready-made `"key":value` members that are copied into each line as they are.
 //!
 //! A line looks like
 //! `{"timestamp":"2026-11-23T13:33:37.123456Z","level":"INFO","message":"certificate issued",
