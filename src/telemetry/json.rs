@@ -124,9 +124,10 @@ impl<'a, W: Write> Members<'a, W> {
         }
     }
 
-    /// Writes `,"key":` and then the value with `value`, unless an earlier write failed.
+    /// Writes `,"key":` and then the value with `value`, unless an earlier write failed. Fields
+    /// named `log.*` (the metadata of events bridged from the `log` crate) are left out.
     fn member(&mut self, field: &Field, value: impl FnOnce(&mut W) -> fmt::Result) {
-        if self.result.is_ok() {
+        if self.result.is_ok() && !field.name().starts_with("log.") {
             let first = std::mem::take(&mut self.first);
             self.result = write_member(self.w, first, field.name(), value);
         }
@@ -149,19 +150,13 @@ fn write_member<W: Write>(
 
 impl<W: Write> Visit for Members<'_, W> {
     fn record_str(&mut self, field: &Field, value: &str) {
-        if let Some(log_field) = field.name().strip_prefix("log.") {
-            if log_field == "target" {
-                self.log_target = Some(value.to_owned());
-            }
-            return;
+        if field.name() == "log.target" {
+            self.log_target = Some(value.to_owned());
         }
         self.member(field, |w| write_string(w, value));
     }
 
     fn record_debug(&mut self, field: &Field, value: &dyn fmt::Debug) {
-        if field.name().starts_with("log.") {
-            return;
-        }
         self.member(field, |w| {
             w.write_char('"')?;
             write!(Escaped(w), "{value:?}")?;
@@ -182,9 +177,6 @@ impl<W: Write> Visit for Members<'_, W> {
     }
 
     fn record_u64(&mut self, field: &Field, value: u64) {
-        if field.name().starts_with("log.") {
-            return;
-        }
         self.member(field, |w| write!(w, "{value}"));
     }
 
@@ -386,6 +378,23 @@ mod tests {
         assert_eq!(lines[1]["spans"][2], serde_json::json!({"name": "bare"}));
         let outside = ours(|| tracing::info!("no span"));
         assert!(outside[0].get("spans").is_none());
+    }
+
+    #[test]
+    fn log_crate_metadata_fields_are_left_out_and_log_target_becomes_the_target() {
+        let lines = ours(|| {
+            tracing::info!(
+                log.target = "rustls::server",
+                log.module_path = "rustls::server::hs",
+                log.line = 42u64,
+                kept = 1u64,
+                "bridged"
+            )
+        });
+        let line = lines[0].as_object().expect("object");
+        assert_eq!(line["target"], "rustls::server");
+        assert_eq!(line["kept"], 1);
+        assert!(line.keys().all(|k| !k.starts_with("log.")), "{line:?}");
     }
 
     #[test]
