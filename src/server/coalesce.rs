@@ -45,11 +45,6 @@ impl<T> CoalescingIo<T> {
             deferred: false,
         }
     }
-
-    /// The wrapped stream.
-    pub fn get_ref(&self) -> &T {
-        &self.inner
-    }
 }
 
 impl<T: AsyncWrite + Unpin> CoalescingIo<T> {
