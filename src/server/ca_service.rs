@@ -360,10 +360,6 @@ mod tests {
         assert!(bearer_token(&md(&[])).is_err());
     }
 
-    fn signed(signer: &crate::signer::LocalSigner) -> IssuedChain {
-        signer.sign_test_leaf()
-    }
-
     /// Two unrelated self-generated CAs (with the directories that hold them).
     fn two_cas() -> (
         [tempfile::TempDir; 2],
@@ -385,7 +381,7 @@ mod tests {
         let (_dirs, a, b) = two_cas();
         let cache = IssuerPathCache::new();
         let now = OffsetDateTime::now_utc();
-        let issued = signed(&a);
+        let issued = a.sign_test_leaf();
         assert!(matches!(issued.provenance, Provenance::InProcess { .. }));
         verify_issued(&bundle_of(&a), &issued, &cache, now).unwrap();
         // After a root rotation that dropped a's root, a's certificates are refused.
@@ -400,17 +396,17 @@ mod tests {
         let (_dirs, a, b) = two_cas();
         let cache = IssuerPathCache::new();
         let now = OffsetDateTime::now_utc();
-        let mut good = signed(&a);
+        let mut good = a.sign_test_leaf();
         good.provenance = Provenance::Upstream;
         verify_issued(&bundle_of(&a), &good, &cache, now).unwrap();
         // An upstream CA answering with a leaf from another CA is caught.
-        let mut foreign = signed(&b);
+        let mut foreign = b.sign_test_leaf();
         foreign.provenance = Provenance::Upstream;
         assert_eq!(
             verify_issued(&bundle_of(&a), &foreign, &cache, now),
             Err(TrustError::UntrustedRoot)
         );
-        let mut garbage = signed(&a);
+        let mut garbage = a.sign_test_leaf();
         garbage.provenance = Provenance::Upstream;
         garbage.leaf_pem = "-----BEGIN CERTIFICATE-----\nAAAA\n-----END CERTIFICATE-----\n".into();
         assert!(verify_issued(&bundle_of(&a), &garbage, &cache, now).is_err());

@@ -217,11 +217,7 @@ impl IssuerPathCache {
             let last = self.last.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(v) = last.as_ref()
                 && Arc::ptr_eq(&v.bundle, bundle)
-                && v.path.len() == path.len()
-                && v.path
-                    .iter()
-                    .zip(path)
-                    .all(|(a, b)| a.as_ref() == b.as_ref())
+                && v.path[..] == *path
                 && v.valid_from <= now
                 && now < v.valid_until
             {
