@@ -6,11 +6,10 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
-use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::authn::NodeAuthorizer;
@@ -23,8 +22,9 @@ use crate::controller::{Controllers, spawn_elector};
 use crate::identity::LeafProfile;
 use crate::proto::IstioCertificateServiceServer;
 use crate::server::{
-    CaService, CoalescingIo, Durations, GrpcServices, Readiness, ServingCertResolver, http_router,
-    serving_config,
+    CaService, ConnectionGuard, Durations, GrpcServices, GuardedListener, HTTP_MAX_CONNECTIONS,
+    Readiness, Refusals, RequestLimits, ServingCertResolver, accept_tls, drain_deadline,
+    http_router, serving_config,
 };
 use crate::signer::{LocalSigner, SignRequest, Signer};
 use crate::telemetry::{CertLabels, ServerMetrics};
@@ -34,8 +34,8 @@ use crate::trust::{self, TrustBundle};
 const SERVING_TTL: Duration = Duration::from_secs(24 * 3600);
 /// Retry interval when renewing the serving certificate fails.
 const SERVING_RETRY: Duration = Duration::from_secs(30);
-/// A TLS handshake that takes longer than this is dropped.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long after the drain deadline the server stops waiting for connections to close.
+const DRAIN_GRACE: Duration = Duration::from_millis(500);
 /// How long a negative authentication result is cached.
 const NEGATIVE_CACHE_TTL: Duration = Duration::from_secs(2);
 /// How long one TokenReview may take.
@@ -231,42 +231,6 @@ async fn export_root_expiry(
     }
 }
 
-/// Accepts TCP connections and completes TLS handshakes concurrently, feeding finished streams
-/// to the gRPC server. Stops at shutdown.
-async fn accept_tls(
-    listener: TcpListener,
-    acceptor: TlsAcceptor,
-    tx: mpsc::Sender<Result<CoalescingIo<TlsStream<TcpStream>>, std::io::Error>>,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    loop {
-        let accepted = tokio::select! {
-            _ = shutdown.wait_for(|s| *s) => return,
-            accepted = listener.accept() => accepted,
-        };
-        match accepted {
-            Ok((stream, peer)) => {
-                let _ = stream.set_nodelay(true);
-                let acceptor = acceptor.clone();
-                let tx = tx.clone();
-                tokio::spawn(async move {
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                        Ok(Ok(tls)) => {
-                            let _ = tx.send(Ok(CoalescingIo::new(tls))).await;
-                        }
-                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                    }
-                });
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
-}
-
 async fn bind(addr: SocketAddr) -> Result<TcpListener, AppError> {
     TcpListener::bind(addr)
         .await
@@ -441,6 +405,21 @@ pub async fn start_server(
 
     let (conn_tx, conn_rx) = mpsc::channel(256);
     let acceptor = TlsAcceptor::from(tls);
+    let limits = cfg.limits.clone();
+    let refusals = Refusals::register(&metrics);
+    let hard_stop = drain_deadline(shutdown_rx.clone(), limits.drain_deadline);
+    let grpc_guard = ConnectionGuard::new(
+        limits.max_connections,
+        limits.idle_timeout,
+        hard_stop.clone(),
+        refusals.clone(),
+    );
+    let http_guard = ConnectionGuard::new(
+        HTTP_MAX_CONNECTIONS,
+        limits.idle_timeout,
+        hard_stop,
+        refusals.for_listener("http"),
+    );
     let task = tokio::spawn(async move {
         let mut background = tokio::task::JoinSet::new();
         background.spawn(export_root_expiry(
@@ -467,6 +446,8 @@ pub async fn start_server(
         let accept = tokio::spawn(accept_tls(
             grpc_listener,
             acceptor,
+            grpc_guard,
+            limits.handshake_timeout,
             conn_tx,
             shutdown_rx.clone(),
         ));
@@ -477,14 +458,22 @@ pub async fn start_server(
             tokio::spawn(r.run(shutdown_rx.clone()));
         }
         let mut grpc_stop = shutdown_rx.clone();
-        let grpc = tonic::transport::Server::builder().serve_with_incoming_shutdown(
-            GrpcServices::new(IstioCertificateServiceServer::new(ca), health_service),
-            ReceiverStream::new(conn_rx),
-            async move {
-                let _ = grpc_stop.wait_for(|s| *s).await;
-            },
-        );
+        let ca = IstioCertificateServiceServer::new(ca)
+            .max_decoding_message_size(limits.max_message_size);
+        let grpc = tonic::transport::Server::builder()
+            .max_concurrent_streams(limits.max_concurrent_streams)
+            .http2_max_header_list_size(limits.max_header_list_size)
+            .http2_keepalive_interval(Some(limits.keepalive_interval))
+            .http2_keepalive_timeout(Some(limits.keepalive_timeout))
+            .serve_with_incoming_shutdown(
+                RequestLimits::new(GrpcServices::new(ca, health_service), &limits, refusals),
+                ReceiverStream::new(conn_rx),
+                async move {
+                    let _ = grpc_stop.wait_for(|s| *s).await;
+                },
+            );
         let mut http_stop = shutdown_rx.clone();
+        let http_listener = GuardedListener::new(http_listener, http_guard);
         let http = axum::serve(http_listener, router).with_graceful_shutdown(async move {
             let _ = http_stop.wait_for(|s| *s).await;
         });
@@ -495,7 +484,19 @@ pub async fn start_server(
             let _ = not_ready.wait_for(|s| *s).await;
             readiness.set(false);
         });
-        let (grpc_res, http_res) = tokio::join!(grpc, http.into_future());
+        // At the drain deadline every connection is closed (`ConnectionGuard`); should a server
+        // still not have returned a moment later, stop waiting for it.
+        let served = async { tokio::join!(grpc, http.into_future()) };
+        let (grpc_res, http_res) = tokio::select! {
+            served = served => served,
+            _ = async {
+                let _ = shutdown_rx.clone().wait_for(|s| *s).await;
+                tokio::time::sleep(limits.drain_deadline + DRAIN_GRACE).await;
+            } => {
+                tracing::warn!("servers still busy after the drain deadline; stopping anyway");
+                (Ok(()), Ok(()))
+            }
+        };
         accept.abort();
         while background.join_next().await.is_some() {}
         drop(trust_tx);

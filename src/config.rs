@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::identity::SpiffeId;
+use crate::server::ServerLimits;
 use crate::signer::LocalSignerFiles;
 use crate::signer::aws_pca::{self, AwsPcaOptions, PcaMode};
 use crate::telemetry::LogFormat;
@@ -177,6 +178,37 @@ pub struct ServerArgs {
     /// workloads on their node via `ImpersonatedIdentity` [default: istio-system/ztunnel].
     #[arg(long, env = "MESHID_TRUSTED_NODE_ACCOUNTS", value_delimiter = ',')]
     pub trusted_node_accounts: Option<Vec<String>>,
+    /// Most open gRPC connections; one beyond it is closed at once [default: 1024].
+    #[arg(long, env = "MESHID_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// A TLS handshake not finished in this time is dropped [default: 10s].
+    #[arg(long, env = "MESHID_HANDSHAKE_TIMEOUT")]
+    pub handshake_timeout: Option<String>,
+    /// A connection from which nothing is read, or whose writes stay blocked, this long is
+    /// closed [default: 60s].
+    #[arg(long, env = "MESHID_IDLE_TIMEOUT")]
+    pub idle_timeout: Option<String>,
+    /// Interval of HTTP/2 PINGs to gRPC clients [default: 30s].
+    #[arg(long, env = "MESHID_KEEPALIVE_INTERVAL")]
+    pub keepalive_interval: Option<String>,
+    /// A gRPC connection whose PING is not answered in this time is closed [default: 10s].
+    #[arg(long, env = "MESHID_KEEPALIVE_TIMEOUT")]
+    pub keepalive_timeout: Option<String>,
+    /// Concurrent HTTP/2 streams per gRPC connection (advertised) [default: 100].
+    #[arg(long, env = "MESHID_MAX_CONCURRENT_STREAMS")]
+    pub max_concurrent_streams: Option<u32>,
+    /// A request not answered in this time gets DEADLINE_EXCEEDED [default: 30s].
+    #[arg(long, env = "MESHID_REQUEST_TIMEOUT")]
+    pub request_timeout: Option<String>,
+    /// Largest HTTP/2 header list accepted, bytes (advertised) [default: 131072].
+    #[arg(long, env = "MESHID_MAX_HEADER_LIST_SIZE")]
+    pub max_header_list_size: Option<u32>,
+    /// Largest gRPC request message, bytes; larger ones get RESOURCE_EXHAUSTED [default: 65536].
+    #[arg(long, env = "MESHID_MAX_MESSAGE_SIZE")]
+    pub max_message_size: Option<usize>,
+    /// At shutdown, connections still open after this are closed [default: 10s].
+    #[arg(long, env = "MESHID_DRAIN_DEADLINE")]
+    pub drain_deadline: Option<String>,
 }
 
 /// How callers are authenticated.
@@ -263,6 +295,8 @@ pub struct ServerConfig {
     pub controllers: Option<ControllerConfig>,
     /// Trusted node agents (namespace, service account) for impersonation.
     pub trusted_node_accounts: Vec<(String, String)>,
+    /// Connection and request limits of the listeners.
+    pub limits: ServerLimits,
 }
 
 /// Settings of the leader-elected controllers.
@@ -528,6 +562,16 @@ impl ServerArgs {
             istiod_revision,
             istiod_secret_name,
             trusted_node_accounts,
+            max_connections,
+            handshake_timeout,
+            idle_timeout,
+            keepalive_interval,
+            keepalive_timeout,
+            max_concurrent_streams,
+            request_timeout,
+            max_header_list_size,
+            max_message_size,
+            drain_deadline,
         );
         merged.validate()
     }
@@ -670,6 +714,70 @@ impl ServerArgs {
                     .unwrap_or(&["istio-system/ztunnel".to_owned()]),
             )
             .map_err(|m| invalid("--trusted-node-accounts", m))?,
+            limits: self.limits()?,
+        })
+    }
+
+    /// The listener limits: defaults for what is unset; counts and sizes must be positive.
+    fn limits(&self) -> Result<ServerLimits, ConfigError> {
+        let d = ServerLimits::default();
+        let positive = |setting: &'static str, v: Option<usize>, default: usize| match v {
+            Some(0) => Err(invalid(setting, "must be at least 1")),
+            v => Ok(v.unwrap_or(default)),
+        };
+        let max_concurrent_streams = positive(
+            "--max-concurrent-streams",
+            self.max_concurrent_streams.map(|v| v as usize),
+            d.max_concurrent_streams as usize,
+        )?;
+        let max_header_list_size = positive(
+            "--max-header-list-size",
+            self.max_header_list_size.map(|v| v as usize),
+            d.max_header_list_size as usize,
+        )?;
+        Ok(ServerLimits {
+            max_connections: positive(
+                "--max-connections",
+                self.max_connections,
+                d.max_connections,
+            )?,
+            handshake_timeout: parse_duration(
+                "--handshake-timeout",
+                self.handshake_timeout.as_deref(),
+                d.handshake_timeout,
+            )?,
+            idle_timeout: parse_duration(
+                "--idle-timeout",
+                self.idle_timeout.as_deref(),
+                d.idle_timeout,
+            )?,
+            keepalive_interval: parse_duration(
+                "--keepalive-interval",
+                self.keepalive_interval.as_deref(),
+                d.keepalive_interval,
+            )?,
+            keepalive_timeout: parse_duration(
+                "--keepalive-timeout",
+                self.keepalive_timeout.as_deref(),
+                d.keepalive_timeout,
+            )?,
+            max_concurrent_streams: u32::try_from(max_concurrent_streams).unwrap_or(u32::MAX),
+            request_timeout: parse_duration(
+                "--request-timeout",
+                self.request_timeout.as_deref(),
+                d.request_timeout,
+            )?,
+            max_header_list_size: u32::try_from(max_header_list_size).unwrap_or(u32::MAX),
+            max_message_size: positive(
+                "--max-message-size",
+                self.max_message_size,
+                d.max_message_size,
+            )?,
+            drain_deadline: parse_duration(
+                "--drain-deadline",
+                self.drain_deadline.as_deref(),
+                d.drain_deadline,
+            )?,
         })
     }
 }
@@ -762,6 +870,63 @@ mod tests {
         assert_eq!(c.trust_domain, "from.file");
         assert_eq!(c.cluster_id, "flag-cluster");
         assert_eq!(c.max_ttl, Duration::from_secs(12 * 3600));
+    }
+
+    #[test]
+    fn listener_limits_default_safely_and_are_read_from_the_yaml_file() {
+        assert_eq!(base().validate().unwrap().limits, ServerLimits::default());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.yaml");
+        std::fs::write(
+            &path,
+            "ca-dir: /tmp/x\nmax-connections: 7\nidle-timeout: 3s\nmax-concurrent-streams: 9\n\
+             max-message-size: 1000\nmax-header-list-size: 2000\ndrain-deadline: 4s\n\
+             request-timeout: 5s\nhandshake-timeout: 6s\nkeepalive-interval: 7s\n\
+             keepalive-timeout: 8s\n",
+        )
+        .unwrap();
+        let l = ServerArgs {
+            config: Some(path),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap()
+        .limits;
+        let s = Duration::from_secs;
+        assert_eq!(
+            l,
+            ServerLimits {
+                max_connections: 7,
+                handshake_timeout: s(6),
+                idle_timeout: s(3),
+                keepalive_interval: s(7),
+                keepalive_timeout: s(8),
+                max_concurrent_streams: 9,
+                request_timeout: s(5),
+                max_header_list_size: 2000,
+                max_message_size: 1000,
+                drain_deadline: s(4),
+            }
+        );
+        for (args, setting) in [
+            (
+                ServerArgs {
+                    max_connections: Some(0),
+                    ..base()
+                },
+                "--max-connections",
+            ),
+            (
+                ServerArgs {
+                    drain_deadline: Some("0s".into()),
+                    ..base()
+                },
+                "--drain-deadline",
+            ),
+        ] {
+            let err = args.validate().unwrap_err();
+            assert!(err.to_string().starts_with(setting), "{err}");
+        }
     }
 
     #[test]

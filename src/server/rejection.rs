@@ -15,6 +15,17 @@ pub enum Rejection {
     /// Authentication failed or could not be done.
     #[error("authentication: {0}")]
     Authn(#[from] AuthnError),
+    /// More than one `authorization` header.
+    #[error("more than one authorization header")]
+    MultipleAuthorization,
+    /// The bearer token is longer than any service-account token.
+    #[error("bearer token of {len} bytes exceeds {max} bytes")]
+    TokenTooLarge {
+        /// Its length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
     /// The `clusterid` header names another cluster.
     #[error("clusterid {got:?} does not match this cluster")]
     ClusterMismatch {
@@ -40,6 +51,8 @@ impl Rejection {
     pub fn reason(&self) -> &'static str {
         match self {
             Self::Authn(e) => e.reason(),
+            Self::MultipleAuthorization => "multiple_authorization",
+            Self::TokenTooLarge { .. } => "token_too_large",
             Self::ClusterMismatch { .. } => "cluster_mismatch",
             Self::ImpersonationDenied(_) => "impersonation_denied",
             Self::Csr(e) => e.reason(),
@@ -63,6 +76,9 @@ impl Rejection {
                 | AuthnError::NotServiceAccount),
             ) => Status::new(Code::Unauthenticated, e.to_string()),
             Self::Authn(e) => Status::new(Code::PermissionDenied, e.to_string()),
+            Self::MultipleAuthorization | Self::TokenTooLarge { .. } => {
+                Status::new(Code::Unauthenticated, self.to_string())
+            }
             Self::ClusterMismatch { .. } => Status::new(
                 Code::PermissionDenied,
                 "clusterid does not match this cluster",
@@ -104,6 +120,14 @@ mod tests {
             (
                 Rejection::ClusterMismatch { got: "x".into() },
                 Code::PermissionDenied,
+            ),
+            (Rejection::MultipleAuthorization, Code::Unauthenticated),
+            (
+                Rejection::TokenTooLarge {
+                    len: 100_000,
+                    max: 16_384,
+                },
+                Code::Unauthenticated,
             ),
             (CsrRejection::Empty.into(), Code::InvalidArgument),
             (

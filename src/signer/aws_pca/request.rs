@@ -183,17 +183,17 @@ fn names(profile: &LeafProfile) -> (Option<String>, Vec<SanName>) {
     }
 }
 
-/// `ApiPassthrough` for a leaf: KU digitalSignature + keyEncipherment, EKU serverAuth +
-/// clientAuth, the SAN as a custom extension (PCA's own SubjectAlternativeNames field is always
+/// `ApiPassthrough` for a leaf: KU digitalSignature (+ keyEncipherment for an RSA key, as
+/// [`crate::identity::key_usages`]), EKU serverAuth + clientAuth, the SAN as a custom extension (PCA's own SubjectAlternativeNames field is always
 /// non-critical) that is critical when the subject is empty (RFC 5280 §4.2.1.6).
-pub fn leaf_passthrough(profile: &LeafProfile) -> ApiPassthrough {
+pub fn leaf_passthrough(profile: &LeafProfile, rsa_key: bool) -> ApiPassthrough {
     let (cn, sans) = names(profile);
     let critical = cn.is_none();
     ApiPassthrough {
         subject_common_name: cn,
         key_usage: KeyUsage {
             digital_signature: true,
-            key_encipherment: true,
+            key_encipherment: rsa_key,
         },
         extended_key_usage: vec![ExtendedKeyUsage::ServerAuth, ExtendedKeyUsage::ClientAuth],
         custom_extensions: vec![CustomExtension {
@@ -232,8 +232,16 @@ pub fn leaf_issue_request(
             &profile_names(profile),
             ttl,
         ),
-        api_passthrough: Some(leaf_passthrough(profile)),
+        api_passthrough: Some(leaf_passthrough(profile, csr_key_is_rsa(csr_der))),
     }
+}
+
+/// Whether the key of the DER CSR `csr_der` is RSA (false when it does not parse).
+fn csr_key_is_rsa(csr_der: &[u8]) -> bool {
+    use x509_parser::prelude::FromDer;
+    x509_parser::certification_request::X509CertificationRequest::from_der(csr_der).is_ok_and(
+        |(_, csr)| crate::identity::is_rsa_key(csr.certification_request_info.subject_pki.raw),
+    )
 }
 
 /// A fresh ECDSA P-256 key for meshid's intermediate and its CSR (DER), subject
@@ -467,7 +475,7 @@ mod tests {
         );
         let pt = req.api_passthrough.unwrap();
         assert_eq!(pt.subject_common_name, None);
-        assert!(pt.key_usage.digital_signature && pt.key_usage.key_encipherment);
+        assert!(pt.key_usage.digital_signature && !pt.key_usage.key_encipherment);
         assert_eq!(
             pt.extended_key_usage,
             vec![ExtendedKeyUsage::ServerAuth, ExtendedKeyUsage::ClientAuth]
@@ -493,7 +501,8 @@ mod tests {
             hosts: vec!["10.0.0.1".into(), "meshid.svc".into()],
             spiffe: None,
         };
-        let pt = leaf_passthrough(&profile);
+        let pt = leaf_passthrough(&profile, true);
+        assert!(pt.key_usage.key_encipherment);
         assert_eq!(pt.subject_common_name.as_deref(), Some("meshid.svc"));
         assert!(!pt.custom_extensions[0].critical);
     }

@@ -97,7 +97,8 @@ async fn direct_mode_sends_our_policy_to_pca_and_returns_a_verified_chain_withou
     );
     let pt = sent.api_passthrough.unwrap();
     assert_eq!(pt.subject_common_name, None);
-    assert!(pt.key_usage.digital_signature && pt.key_usage.key_encipherment);
+    // An ECDSA key: keyEncipherment is for RSA keys only.
+    assert!(pt.key_usage.digital_signature && !pt.key_usage.key_encipherment);
     assert_eq!(
         pt.extended_key_usage,
         [ExtendedKeyUsage::ServerAuth, ExtendedKeyUsage::ClientAuth]
