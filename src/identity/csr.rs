@@ -177,7 +177,7 @@ pub fn check_csr(pem: &str, expected: &SpiffeId) -> Result<ValidatedCsr, CsrReje
         Err(crate::pem::PemError::TextAround) => return Err(CsrRejection::TextAroundPem),
         Err(_) => return Err(CsrRejection::NotPem),
     }
-    let der = CertificateSigningRequestDer::from_pem_slice(pem.as_bytes())
+    let der = CertificateSigningRequestDer::from_pem_slice(pem.trim().as_bytes())
         .map_err(|_| CsrRejection::NotPem)?;
     let (rest, csr) =
         X509CertificationRequest::from_der(der.as_ref()).map_err(|_| CsrRejection::Malformed)?;
@@ -438,7 +438,7 @@ mod tests {
     fn a_csr_field_must_be_exactly_one_pem_block_with_only_whitespace_around_it() {
         let key = KeyPair::generate().unwrap();
         let pem = good(&key);
-        assert!(check_csr(&format!("\n  {pem}\r\n\t"), &id()).is_ok());
+        check_csr(&format!("\n  {pem}\r\n\t"), &id()).unwrap();
         let other = good(&KeyPair::generate().unwrap());
         assert_eq!(
             check_csr(&format!("{pem}{other}"), &id()).unwrap_err(),
