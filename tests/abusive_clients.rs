@@ -374,6 +374,33 @@ async fn a_request_whose_body_never_arrives_gets_deadline_exceeded() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_unknown_method_is_unimplemented_and_counted() {
+    let server = Server::start(|_| {}).await;
+    let tls = tls_connect(&server).await;
+    let (mut h2, conn) = h2::client::handshake(tls).await.unwrap();
+    tokio::spawn(conn);
+    let request =
+        http::Request::post("https://localhost/istio.v1.auth.IstioCertificateService/Nope")
+            .header("content-type", "application/grpc")
+            .header("te", "trailers")
+            .body(())
+            .unwrap();
+    let (response, _) = h2.send_request(request, true).unwrap();
+    let response = tokio::time::timeout(GENEROUS, response)
+        .await
+        .expect("answered")
+        .unwrap();
+    assert_eq!(
+        response.headers().get("grpc-status").map(|v| v.as_bytes()),
+        Some(&b"12"[..]),
+        "UNIMPLEMENTED: {response:?}"
+    );
+    assert_eq!(server.metric(&refusals("grpc", "unknown_method")), 1);
+    server.assert_serves_a_legitimate_client().await;
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn streams_beyond_max_concurrent_streams_are_refused() {
     let server = Server::start(|a| a.max_concurrent_streams = Some(8)).await;
     let mut conn = tls_connect(&server).await;
