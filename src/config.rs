@@ -182,7 +182,7 @@ pub struct ServerArgs {
     #[arg(long, env = "MESHID_TOKEN_ISSUERS", value_delimiter = ',')]
     pub token_issuers: Option<Vec<String>>,
     /// Longest time a successful TokenReview of a pod-bound token is cached, so a deleted
-    /// pod's token stops working soon [default: 4s].
+    /// pod's token stops working soon [default: 3s].
     #[arg(long, env = "MESHID_POD_TOKEN_CACHE_TTL")]
     pub pod_token_cache_ttl: Option<String>,
     /// Most concurrent apiserver calls made to authenticate and authorize callers (TokenReviews
@@ -641,7 +641,7 @@ impl ServerArgs {
                 pod_cache_ttl: parse_duration(
                     "--pod-token-cache-ttl",
                     self.pod_token_cache_ttl.as_deref(),
-                    Duration::from_secs(4),
+                    Duration::from_secs(3),
                 )?,
                 issuers: self
                     .token_issuers
@@ -751,7 +751,7 @@ mod tests {
             AuthnConfig::TokenReview {
                 kubeconfig: None,
                 cache_ttl: Duration::from_secs(60),
-                pod_cache_ttl: Duration::from_secs(4),
+                pod_cache_ttl: Duration::from_secs(3),
                 issuers: vec![],
                 limits: crate::authn::ApiLimits {
                     concurrency: 16,

@@ -799,6 +799,14 @@ async fn an_apiserver_outage_during_node_authorization_is_unavailable_and_servic
     })
     .await;
     let (h, ns) = (&f.harness, &f.ns);
+    h.grant_cluster_role(
+        "meshid-test:pod-reader",
+        vec![common::kube::rule("", "pods", &["get", "list"])],
+        ns,
+        "meshid",
+    )
+    .await
+    .unwrap();
     for sa in ["ztunnel", "db"] {
         h.create_service_account(ns, sa).await.unwrap();
     }
@@ -818,16 +826,17 @@ async fn an_apiserver_outage_during_node_authorization_is_unavailable_and_servic
         .unwrap();
     let channel = f.channel().await;
     let (web, db) = (f.identity("web"), f.identity("db"));
-    f.call_on(
-        &channel,
-        &f.ec_csr("web"),
-        Some(&zt_token),
-        None,
-        Some(&web),
-    )
+    // RBAC reaches the apiserver's authorizer through a watch: retry until it has.
+    let web_csr = f.ec_csr("web");
+    common::kube::eventually(Duration::from_secs(10), || async {
+        f.call_on(&channel, &web_csr, Some(&zt_token), None, Some(&web))
+            .await
+            .map_err(|s| anyhow::anyhow!("{s:?}"))
+    })
     .await
     .expect("web runs on ztunnel's node");
 
+    let unavailable_before = f.rejected("impersonation_unavailable").await;
     proxy.cut();
     // db's placement is not cached yet, so authorizing it needs the apiserver.
     let status = f
@@ -835,7 +844,10 @@ async fn an_apiserver_outage_during_node_authorization_is_unavailable_and_servic
         .await
         .expect_err("apiserver down");
     assert_eq!(status.code(), Code::Unavailable, "{status:?}");
-    assert_eq!(f.rejected("impersonation_unavailable").await, 1);
+    assert_eq!(
+        f.rejected("impersonation_unavailable").await,
+        unavailable_before + 1
+    );
     assert_eq!(f.rejected("impersonation_denied").await, 0);
 
     proxy.restore();

@@ -63,6 +63,8 @@ impl TcpProxy {
                     peak.fetch_max(now_open, Ordering::SeqCst);
                     let guard = Open(open.clone());
                     let mut cuts = cuts.clone();
+                    // Only cuts made from now on end this connection.
+                    cuts.borrow_and_update();
                     tokio::spawn(async move {
                         let _guard = guard;
                         let Ok(mut server) = TcpStream::connect(upstream).await else {
