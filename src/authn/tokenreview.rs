@@ -117,10 +117,11 @@ struct Inner {
 
 /// Authenticates callers with TokenReview.
 ///
-/// A token is first pre-checked locally ([`Precheck`]): what cannot be a valid token is refused
-/// without a review, and without a cache entry. Then the cache is consulted. On a miss, one
-/// review per token is made however many requests carry it at once ([`SingleFlight`]), within
-/// the limits of the [`ApiLimiter`], and its result is cached before the waiting requests see it.
+/// A token found in the cache gets the cached result. Otherwise it is pre-checked locally
+/// ([`Precheck`]): what cannot be a valid token is refused without a review, and without a
+/// cache entry. Then one review per token is made however many requests carry it at once
+/// ([`SingleFlight`]), within the limits of the [`ApiLimiter`], and its result is cached before
+/// the waiting requests see it.
 pub struct TokenReviewAuthenticator {
     inner: Arc<Inner>,
     in_flight: SingleFlight<TokenKey, Result<Caller, AuthnError>>,
@@ -201,8 +202,8 @@ impl Authenticator for TokenReviewAuthenticator {
                 return Err(AuthnError::MissingToken);
             }
             let inner = &self.inner;
-            let claims = inner.precheck.check(token, SystemTime::now())?;
             let key = TokenCache::key(token);
+            // Entries were pre-checked when they were made, and never outlive the token's `exp`.
             if let Some(hit) = inner.cache.get(&key, Instant::now()) {
                 let result = if hit.is_ok() {
                     "hit_positive"
@@ -216,6 +217,7 @@ impl Authenticator for TokenReviewAuthenticator {
                     .inc();
                 return hit;
             }
+            let claims = inner.precheck.check(token, SystemTime::now())?;
             inner
                 .metrics
                 .token_cache
