@@ -856,3 +856,50 @@ async fn an_apiserver_outage_during_node_authorization_is_unavailable_and_servic
         .expect("served again once the apiserver is back");
     f.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_new_tokens_beyond_the_apiserver_bound_gets_unavailable_while_a_cached_caller_is_served()
+ {
+    let f = Fixture::build_with(harness!(), None, true, |args, _| {
+        args.apiserver_concurrency = Some(1);
+        args.apiserver_queue = Some(1);
+    })
+    .await;
+    let csr = f.ec_csr("web");
+    let regular = f.token("web").await;
+    f.call(&csr, Some(&regular), None)
+        .await
+        .expect("the regular caller, now cached");
+    let mut flood = Vec::new();
+    for _ in 0..100 {
+        flood.push(f.token("web").await);
+    }
+    let channel = f.channel().await;
+    let flood_calls = futures::future::join_all(
+        flood
+            .iter()
+            .map(|t| f.call_on(&channel, &csr, Some(t), None, None)),
+    );
+    let regular_call = f.call_on(&channel, &csr, Some(&regular), None, None);
+    let (flooded, regular_result) = tokio::join!(flood_calls, regular_call);
+    regular_result.expect("a cached caller needs no apiserver call and is served");
+    let refused: Vec<_> = flooded.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert!(
+        !refused.is_empty(),
+        "100 new tokens at once overflow a bound of 1 + 1"
+    );
+    for status in &refused {
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    }
+    assert_eq!(f.rejected("authn_overloaded").await, refused.len() as u64);
+    assert_eq!(
+        metric_value(&f.metrics().await, "meshid_apiserver_calls_refused_total"),
+        refused.len() as u64
+    );
+    // The bound releases: a new token is reviewed again afterwards.
+    let later = f.token("web").await;
+    f.call(&csr, Some(&later), None)
+        .await
+        .expect("served once the flood is over");
+    f.stop().await;
+}

@@ -6,7 +6,9 @@
 //! it for the others, and when the last one goes away the call is dropped.
 //!
 //! The call itself should record its result where later callers look first (a cache) before it
-//! completes: the key is forgotten here as soon as the call completes.
+//! completes: the key is forgotten here as soon as the call completes. And it should look there
+//! first itself: a caller that missed the cache just before another call completed may start a
+//! new call just after it.
 
 use std::collections::HashMap;
 use std::hash::Hash;

@@ -229,6 +229,11 @@ impl Authenticator for TokenReviewAuthenticator {
                     let token = token.to_owned();
                     Box::pin(async move {
                         let now = Instant::now();
+                        // A review that completed after this request missed the cache has
+                        // left its result there.
+                        if let Some(hit) = inner.cache.get(&key, now) {
+                            return hit;
+                        }
                         let result = inner.review(&token).await;
                         inner
                             .cache
