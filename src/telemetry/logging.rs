@@ -193,10 +193,10 @@ mod tests {
     use crate::telemetry::testing::SharedBuf;
 
     #[test]
-    fn no_audit_line_is_dropped_when_the_writer_queue_overflows() {
+    fn no_audit_line_is_dropped_when_the_writer_queue_overflows_and_a_file_gets_no_colour() {
         let buf = SharedBuf::default();
         // The only test in this binary that installs the global subscriber.
-        let guard = init_logging_to(LogFormat::Json, "info", buf.clone());
+        let guard = init_logging_to(LogFormat::Text, "info", buf.clone());
         assert!(!guard.workers.is_empty(), "subscriber installed");
         // Many more lines than the writer thread's queue holds.
         let lines = 10 * LOG_QUEUE_LINES as u32;
@@ -204,12 +204,16 @@ mod tests {
             tracing::info!(target: "meshid::audit", seq = i, "overflow-check");
         }
         drop(guard);
-        let written = buf
-            .text()
+        let text = buf.text();
+        let written = text
             .lines()
             .filter(|l| l.contains("overflow-check"))
             .count();
         assert_eq!(written, lines as usize);
+        assert!(
+            !text.contains('\u{1b}'),
+            "no ANSI escapes outside a terminal"
+        );
     }
 
     /// A sink that blocks every write until the gate opens, like a stalled log pipe.
