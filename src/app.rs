@@ -276,13 +276,19 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, AppError> {
 /// Starts the server described by `cfg`; it drains and stops when `shutdown` completes.
 ///
 /// Everything that can fail at startup (CA files, trust bundle, kubeconfig, serving certificate,
-/// listeners) fails here, before the handle is returned.
+/// listeners) fails here, before the handle is returned. The listeners are bound before the
+/// signer starts, so a server that cannot listen makes no call to an upstream CA.
 pub async fn start_server(
     cfg: ServerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<ServerHandle, AppError> {
     install_crypto_provider();
+    // Listeners and authentication first: a taken port or a bad kubeconfig (a crash loop) must
+    // fail before the signer starts, since a PCA signer is billed for what it issues then.
+    let grpc_listener = bind(cfg.listen).await?;
+    let http_listener = bind(cfg.http_listen).await?;
     let metrics = ServerMetrics::new();
+    let (authn, kube_client) = build_authenticator(&cfg, &metrics).await?;
     let mut pca_renewal = None;
     let signer: Arc<dyn Signer> = match &cfg.signer {
         SignerConfig::Files(files) => Arc::new(LocalSigner::from_files(files)?),
@@ -316,7 +322,6 @@ pub async fn start_server(
     }
     let root_pem = bundle.pem().to_owned();
     let (trust_tx, trust_rx) = trust::channel(bundle);
-    let (authn, kube_client) = build_authenticator(&cfg, &metrics).await?;
     let node_authz_calls = prometheus_client::metrics::counter::Counter::<u64>::default();
     let configmap_writes = prometheus_client::metrics::family::Family::<
         crate::telemetry::ResultLabels,
@@ -376,8 +381,6 @@ pub async fn start_server(
     };
     let tls = serving_config(resolver).map_err(|e| AppError::Tls(e.to_string()))?;
 
-    let grpc_listener = bind(cfg.listen).await?;
-    let http_listener = bind(cfg.http_listen).await?;
     let grpc_addr = grpc_listener
         .local_addr()
         .map_err(|source| AppError::Bind {

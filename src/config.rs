@@ -396,12 +396,19 @@ impl ServerArgs {
             );
             PcaMode::default()
         });
-        if mode == PcaMode::Intermediate && intermediate_ttl < max_ttl * 2 {
+        let min_intermediate_ttl = aws_pca::intermediate::min_intermediate_ttl(max_ttl);
+        if mode == PcaMode::Intermediate && intermediate_ttl < min_intermediate_ttl {
+            let every = aws_pca::intermediate::renewal_interval(intermediate_ttl, max_ttl);
             return Err(invalid(
                 "--pca-intermediate-ttl",
                 format!(
-                    "must be at least twice --max-ttl ({}) so that every leaf gets its full lifetime",
-                    humantime::format_duration(max_ttl)
+                    "{} with --max-ttl {} would mint an intermediate every {} (PCA backdates \
+                     notBefore by 1h); it must be at least {}, so that every leaf gets its full \
+                     lifetime and at most one intermediate is minted per hour",
+                    humantime::format_duration(intermediate_ttl),
+                    humantime::format_duration(max_ttl),
+                    humantime::format_duration(every),
+                    humantime::format_duration(min_intermediate_ttl),
                 ),
             ));
         }
@@ -866,6 +873,46 @@ mod tests {
             let err = args.validate().unwrap_err().to_string();
             assert!(err.starts_with(setting), "{setting}: {err}");
         }
+    }
+
+    #[test]
+    fn intermediate_ttls_that_would_mint_more_than_one_intermediate_an_hour_are_refused() {
+        // PCA backdates notBefore by 1h: a 1h intermediate is at half-life when it arrives.
+        let err = ServerArgs {
+            max_ttl: Some("30m".into()),
+            default_ttl: Some("30m".into()),
+            pca_intermediate_ttl: Some("1h".into()),
+            ..pca()
+        }
+        .validate()
+        .unwrap_err()
+        .to_string();
+        assert!(err.starts_with("--pca-intermediate-ttl"), "{err}");
+        assert!(err.contains("--max-ttl 30m"), "{err}");
+        assert!(err.contains("every 0s"), "{err}");
+        assert!(err.contains("at least 2h 30m"), "{err}");
+        // docs/aws-pca.md prints this message as is.
+        assert!(
+            include_str!("../docs/aws-pca.md").contains(&format!("\n{err}\n")),
+            "{err}"
+        );
+        let ok = ServerArgs {
+            max_ttl: Some("30m".into()),
+            default_ttl: Some("30m".into()),
+            pca_intermediate_ttl: Some("2h30m".into()),
+            ..pca()
+        };
+        ok.validate().unwrap();
+        // Direct mode mints no intermediates.
+        ServerArgs {
+            max_ttl: Some("30m".into()),
+            default_ttl: Some("30m".into()),
+            pca_intermediate_ttl: Some("1h".into()),
+            pca_mode: Some(PcaMode::Direct),
+            ..pca()
+        }
+        .validate()
+        .unwrap();
     }
 
     #[test]

@@ -121,6 +121,7 @@ pub async fn start(
             signer: Arc::new(DirectSigner::new(
                 upstream,
                 algorithm,
+                trust_domain.to_owned(),
                 bundle.roots().to_vec(),
                 opts.max_pending,
             )),
