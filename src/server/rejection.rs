@@ -7,7 +7,7 @@ use crate::authn::AuthnError;
 use crate::identity::CsrRejection;
 use crate::signer::SignerError;
 use crate::signer::aws_pca::PcaError;
-use crate::trust::TrustError;
+use crate::trust::ValidationError;
 
 /// Why CreateCertificate did not issue a certificate.
 #[derive(Debug, thiserror::Error)]
@@ -33,7 +33,7 @@ pub enum Rejection {
     Signer(#[from] SignerError),
     /// The issued chain did not verify against the current roots (a CA misconfiguration).
     #[error("issued chain does not verify: {0}")]
-    ChainVerify(#[from] TrustError),
+    ChainVerify(#[from] ValidationError),
 }
 
 impl Rejection {

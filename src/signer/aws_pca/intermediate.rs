@@ -12,7 +12,6 @@ use std::time::Duration;
 
 use prometheus_client::metrics::gauge::Gauge;
 use rcgen::KeyPair;
-use rustls_pki_types::CertificateDer;
 use time::OffsetDateTime;
 use tokio::sync::watch;
 
@@ -20,7 +19,7 @@ use super::PcaError;
 use super::limit::Backoff;
 use super::request::{intermediate_csr, intermediate_issue_request, split_chain};
 use super::upstream::Upstream;
-use crate::pem::{cert_to_pem, parse_certs};
+use crate::pem::cert_to_pem;
 use crate::signer::{BoxFuture, IssuedChain, LocalSigner, SignRequest, Signer, SignerError};
 use crate::trust::TrustBundle;
 
@@ -123,9 +122,11 @@ impl std::fmt::Debug for Minted {
 }
 
 /// Has PCA certify `key` (whose CSR is `csr_der`) as a subordinate CA and checks the result:
-/// the key matches, it is a CA, and it chains to `bundle` now. Nothing is published here.
-/// Retrying with the same key and CSR reuses the idempotency token, so a certificate PCA
-/// already issued (e.g. when `GetCertificate` failed) is returned instead of a second one.
+/// the key matches, it is a CA with keyCertSign, and its path validates against `bundle` now
+/// ([`LocalSigner::from_pem`] checks all of it with `trust::validate_chain`). Nothing is
+/// published here. Retrying with the same key and CSR reuses the idempotency token, so a
+/// certificate PCA already issued (e.g. when `GetCertificate` failed) is returned instead of a
+/// second one.
 pub async fn mint(
     upstream: &Upstream,
     settings: &IntermediateSettings,
@@ -150,16 +151,6 @@ pub async fn mint(
         Some(bundle.pem()),
     )
     .map_err(|e| PcaError::InvalidCertificate(format!("intermediate: {e}")))?;
-    let mut ders: Vec<CertificateDer<'static>> =
-        parse_certs(&split.leaf_pem).map_err(|e| PcaError::InvalidCertificate(e.to_string()))?;
-    for pem in &split.intermediates_pem {
-        ders.extend(parse_certs(pem).map_err(|e| PcaError::InvalidCertificate(e.to_string()))?);
-    }
-    bundle
-        .verify_chain(&ders, OffsetDateTime::now_utc())
-        .map_err(|e| {
-            PcaError::InvalidCertificate(format!("intermediate does not chain to the roots: {e}"))
-        })?;
     Ok(Minted {
         signer: Arc::new(signer),
         not_before: split.not_before,
