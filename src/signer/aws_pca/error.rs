@@ -42,6 +42,11 @@ pub enum PcaError {
     /// PCA returned a leaf that is not what meshid asked for (direct mode); it is not served.
     #[error("the certificate AWS Private CA returned differs from the request: {0}")]
     LeafMismatch(#[source] super::check::LeafMismatch),
+    /// Direct mode puts the trust domain in the subject's O, which PCA limits to 64 characters.
+    #[error(
+        "--trust-domain {0:?} is longer than 64 characters, PCA's limit for the subject O that direct mode sets"
+    )]
+    TrustDomainTooLong(String),
     /// PCA returned something that is not a usable certificate or chain.
     #[error("unusable certificate: {0}")]
     InvalidCertificate(String),

@@ -792,3 +792,22 @@ async fn after_the_intermediate_expired_in_an_outage_renewal_is_retried_every_fe
     }
     assert!(s.metrics.issued("intermediate") >= 2);
 }
+
+#[tokio::test]
+async fn direct_mode_refuses_a_trust_domain_pca_cannot_put_in_the_subject() {
+    let fake = Arc::new(FakePca::new());
+    let api: Arc<dyn PcaApi> = fake.clone();
+    let long = format!("{}.example", "a".repeat(60));
+    let err = start(
+        api,
+        &opts(PcaMode::Direct),
+        &long,
+        MAX_LEAF,
+        PcaMetrics::default(),
+        None,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err, PcaError::TrustDomainTooLong(long));
+    assert!(fake.calls().is_empty());
+}
