@@ -62,14 +62,17 @@ impl std::fmt::Debug for TrustBundle {
 }
 
 impl TrustBundle {
-    /// Parses a PEM bundle of one or more root certificates; duplicates are dropped.
+    /// Parses a PEM bundle of one or more root certificates; duplicates are dropped and the
+    /// rest sorted (see [`from_ders`](Self::from_ders)).
     pub fn from_pem(pem: &str) -> Result<Self, TrustError> {
         let certs =
             parse_certs(pem).map_err(|e: PemError| TrustError::InvalidBundle(e.to_string()))?;
         Self::from_ders(certs)
     }
 
-    /// Builds a bundle from DER roots in order; duplicates are dropped.
+    /// Builds a bundle from DER roots; duplicates are dropped. The roots are kept in one
+    /// canonical order (sorted by DER) so that the same set of roots is always the same PEM, and
+    /// a replica publishing it writes nothing when another one already did.
     pub fn from_ders(certs: Vec<CertificateDer<'static>>) -> Result<Self, TrustError> {
         let mut roots: Vec<CertificateDer<'static>> = Vec::new();
         for cert in certs {
@@ -83,11 +86,12 @@ impl TrustBundle {
         if roots.is_empty() {
             return Err(TrustError::InvalidBundle("no roots".into()));
         }
+        roots.sort_by(|a, b| a.as_ref().cmp(b.as_ref()));
         let pem = roots.iter().map(|c| cert_to_pem(c)).collect();
         Ok(Self { roots, pem })
     }
 
-    /// The roots, in order.
+    /// The roots, in canonical (DER) order.
     pub fn roots(&self) -> &[CertificateDer<'static>] {
         &self.roots
     }
