@@ -736,6 +736,25 @@ mod tests {
     }
 
     #[test]
+    fn stopped_replicas_roots_are_retained_for_max_ttl_plus_grace() {
+        let c = base().validate().unwrap().controllers.unwrap();
+        assert_eq!(c.signing_roots.interval, Duration::from_secs(10));
+        assert_eq!(
+            c.signing_roots.retain,
+            Duration::from_secs(172_800 + 300),
+            "--max-ttl + --signing-roots-grace"
+        );
+        assert_eq!(c.signing_roots.name, "meshid-controllers-signing-roots");
+        let short_grace = ServerArgs {
+            signing_roots_interval: Some("10s".into()),
+            signing_roots_grace: Some("15s".into()),
+            ..base()
+        };
+        let e = short_grace.validate().unwrap_err().to_string();
+        assert!(e.contains("--signing-roots-grace"), "{e}");
+    }
+
+    #[test]
     fn invalid_settings_are_reported_by_name() {
         let cases: Vec<(ServerArgs, &str)> = vec![
             (ServerArgs::default(), "--ca-cert"),

@@ -377,3 +377,52 @@ mod tests {
         assert_eq!(spec_for(&s, now, None, true).lease_transitions, Some(0));
     }
 }
+
+#[cfg(test)]
+mod elector_tests {
+    use super::*;
+
+    /// A Kubernetes client for a loopback port nobody listens on.
+    fn unreachable_client() -> kube::Client {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .unwrap();
+        let url: http::Uri = format!("http://127.0.0.1:{port}").parse().unwrap();
+        kube::Client::try_from(kube::Config::new(url)).unwrap()
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_lease_is_reported_as_unknown_with_renew_errors_and_no_leadership() {
+        let observer = LeaseObserver::default();
+        let mut s = LeaseSettings::new("ns".into(), "lease".into(), "me".into());
+        s.retry_period = Duration::from_millis(50);
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let (leading, task) = spawn_elector(unreachable_client(), s, observer.clone(), stop_rx);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while observer.renew_errors.get() < 2 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(observer.renew_errors.get() >= 2);
+        let (state, detail) = observer.current().expect("observed");
+        assert_eq!(state, LeaseState::Unknown);
+        assert!(detail.contains("cannot be read"), "{detail}");
+        let gauge = |s: LeaseState| {
+            observer
+                .states
+                .get_or_create(&LeaseStateLabels { state: s.as_str() })
+                .get()
+        };
+        assert_eq!(
+            (
+                gauge(LeaseState::Unknown),
+                gauge(LeaseState::Leader),
+                gauge(LeaseState::Follower)
+            ),
+            (1, 0, 0)
+        );
+        assert!(!*leading.borrow());
+        stop_tx.send(true).unwrap();
+        task.await.unwrap();
+    }
+}

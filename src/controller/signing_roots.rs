@@ -433,4 +433,48 @@ mod tests {
         assert_eq!(configmap_key("host name/1"), "host-name-1");
         assert_eq!(configmap_key(""), "-");
     }
+
+    #[tokio::test]
+    async fn an_unreachable_registry_keeps_the_roots_last_read_in_the_bundle() {
+        let (_a, a) = root();
+        let (_b, b) = root();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .unwrap();
+        let url: http::Uri = format!("http://127.0.0.1:{port}").parse().unwrap();
+        let client = kube::Client::try_from(kube::Config::new(url)).unwrap();
+        let errors = Counter::default();
+        let settings = SigningRootsSettings::new(
+            "ns".into(),
+            "lease",
+            "me",
+            Duration::from_millis(20),
+            Duration::from_secs(60),
+        );
+        let reg = SigningRoots::new(client, settings, a.clone(), errors.clone());
+        let local = TrustBundle::from_pem(&a).unwrap();
+        let last_read = InUse {
+            roots: BTreeMap::from([("other".to_owned(), b.clone())]),
+            ..Default::default()
+        };
+        let (_local_tx, local_rx) = watch::channel(Arc::new(local.clone()));
+        let (tx, mut rx) = watch::channel(Arc::new(local));
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(reg.run(last_read, local_rx, tx, stop_rx));
+        rx.wait_for(|bundle| bundle.roots().len() == 2)
+            .await
+            .unwrap();
+        while errors.get() < 3 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert_eq!(
+            rx.borrow().roots().len(),
+            2,
+            "a failed heartbeat drops no root"
+        );
+        assert!(!rx.has_changed().unwrap());
+        stop_tx.send(true).unwrap();
+        task.await.unwrap();
+    }
 }

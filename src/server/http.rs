@@ -87,3 +87,38 @@ async fn metrics_handler(State(s): State<HttpState>) -> impl IntoResponse {
         (s.metrics)(),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn readyz_of(ready: &Readiness) -> (StatusCode, String) {
+        let state = HttpState {
+            ready: ready.clone(),
+            metrics: Arc::new(String::new),
+        };
+        let response = readyz(State(state)).await.into_response();
+        let status = response.status();
+        let body = axum::body::to_bytes(response.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        (status, String::from_utf8(body.to_vec()).unwrap())
+    }
+
+    #[tokio::test]
+    async fn the_readiness_detail_is_informative_and_never_changes_the_status() {
+        let ready = Readiness::default();
+        ready.set(true);
+        assert_eq!(readyz_of(&ready).await, (StatusCode::OK, "ready".into()));
+        ready.set_detail(Arc::new(|| "lease l: unknown (cannot be read)".into()));
+        assert_eq!(
+            readyz_of(&ready).await,
+            (
+                StatusCode::OK,
+                "ready\nlease l: unknown (cannot be read)".into()
+            )
+        );
+        ready.set(false);
+        assert_eq!(readyz_of(&ready).await.0, StatusCode::SERVICE_UNAVAILABLE);
+    }
+}
