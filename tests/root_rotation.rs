@@ -23,7 +23,7 @@ use std::time::Duration;
 use common::envoy::{Envoy, client_config, envoy_binary, free_port, mtls_bootstrap, mtls_get};
 use common::kube::{Harness, TokenOptions, eventually, rule};
 use common::meshid::write_token_kubeconfig;
-use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret};
 use kube::Api;
 use kube::api::{Patch, PatchParams};
 use meshid::agent::{AgentConfig, AgentHandle, Svid, start_agent};
@@ -135,6 +135,8 @@ struct Findings {
     violations: Vec<String>,
     /// Distinct root sets of `istio-ca-root-cert`, in the order they appeared.
     bundles: Vec<BTreeSet<Vec<u8>>>,
+    /// Distinct root sets of the istiod Secret's `ca.crt`, in the order they appeared.
+    istiod_bundles: Vec<BTreeSet<Vec<u8>>>,
     /// Leaves checked against the peer's and the distributed bundle.
     leaves_checked: usize,
     requests_ok: usize,
@@ -145,6 +147,7 @@ struct Rotation {
     h: Harness,
     ns: String,
     app: String,
+    istio: String,
     dir: tempfile::TempDir,
     kubeconfig: PathBuf,
     extra_roots: PathBuf,
@@ -171,6 +174,7 @@ impl Rotation {
                     "leases",
                     &["get", "create", "update"],
                 ),
+                rule("", "secrets", &["get", "create", "update"]),
             ],
             &ns,
             "meshid",
@@ -185,6 +189,7 @@ impl Rotation {
         let kubeconfig = dir.path().join("kubeconfig");
         write_token_kubeconfig(&h, &token, None, &kubeconfig);
         let app = h.create_namespace("rot3-app").await.unwrap();
+        let istio = h.create_namespace("rot3-istio").await.unwrap();
         let patch = serde_json::json!({ "metadata": { "labels": { SELECTOR_KEY: ns } } });
         Api::<Namespace>::all(h.admin_client())
             .patch(&app, &PatchParams::default(), &Patch::Merge(&patch))
@@ -200,6 +205,7 @@ impl Rotation {
             h,
             ns,
             app,
+            istio,
             dir,
             kubeconfig,
             extra_roots,
@@ -225,6 +231,8 @@ impl Rotation {
             max_ttl: Some("30s".into()),
             signing_roots_interval: Some("1s".into()),
             signing_roots_grace: Some("3s".into()),
+            istiod_cert: Some(true),
+            istiod_namespace: Some(self.istio.clone()),
             ..Default::default()
         };
         let (stop, rx) = oneshot::channel::<()>();
@@ -255,6 +263,20 @@ impl Rotation {
             .flatten()
             .and_then(|cm| cm.data)
             .and_then(|d| d.get("root-cert.pem").cloned())
+    }
+
+    /// The istiod Secret's `ca.crt`.
+    async fn istiod_ca(&self) -> Option<String> {
+        Api::<Secret>::namespaced(self.h.admin_client(), &self.istio)
+            .get_opt("istiod-tls")
+            .await
+            .ok()
+            .flatten()
+            .and_then(|s| s.data)
+            .and_then(|d| {
+                d.get("ca.crt")
+                    .map(|b| String::from_utf8_lossy(&b.0).into_owned())
+            })
     }
 
     /// An agent for `sa` whose CA root file is kept equal to the distributed bundle.
@@ -346,6 +368,7 @@ fn monitor(
         loop {
             let bundle = r.distributed_bundle().await.unwrap_or_default();
             let set = roots(&bundle);
+            let istiod = roots(&r.istiod_ca().await.unwrap_or_default());
             let (web, client) = (agents[0].current(), agents[1].current());
             {
                 let mut f = findings.lock().unwrap();
@@ -362,6 +385,9 @@ fn monitor(
                         }
                     }
                     f.bundles.push(set.clone());
+                }
+                if !istiod.is_empty() && f.istiod_bundles.last() != Some(&istiod) {
+                    f.istiod_bundles.push(istiod);
                 }
             }
             // Each leaf against the bundle its peer holds now and the distributed one.
@@ -571,7 +597,9 @@ async fn the_documented_root_rotation_with_three_replicas_a_rolling_update_agent
     std::fs::write(&r.extra_roots, "").unwrap();
     eventually(Duration::from_secs(120), || async {
         let b = r.distributed_bundle().await.unwrap_or_default();
+        let istiod = r.istiod_ca().await.unwrap_or_default();
         anyhow::ensure!(roots(&b) == BTreeSet::from([root2.clone()]), "not yet");
+        anyhow::ensure!(roots(&istiod) == BTreeSet::from([root2.clone()]), "not yet");
         Ok(())
     })
     .await
@@ -600,11 +628,15 @@ async fn the_documented_root_rotation_with_three_replicas_a_rolling_update_agent
     }
     let f = findings.lock().unwrap();
     eprintln!(
-        "rotation: {} requests ok, {} failed, {} leaf checks, bundles {:?}",
+        "rotation: {} requests ok, {} failed, {} leaf checks, bundles {:?}, istiod ca.crt {:?}",
         f.requests_ok,
         f.requests_failed.len(),
         f.leaves_checked,
-        f.bundles.iter().map(BTreeSet::len).collect::<Vec<_>>()
+        f.bundles.iter().map(BTreeSet::len).collect::<Vec<_>>(),
+        f.istiod_bundles
+            .iter()
+            .map(BTreeSet::len)
+            .collect::<Vec<_>>()
     );
     assert!(
         f.requests_failed.is_empty(),
@@ -628,5 +660,9 @@ async fn the_documented_root_rotation_with_three_replicas_a_rolling_update_agent
     assert_eq!(
         f.bundles, expected,
         "the distributed bundle went root 1 → both → root 2, never dropping a root in use"
+    );
+    assert_eq!(
+        f.istiod_bundles, expected,
+        "istiod's ca.crt went root 1 → both → root 2"
     );
 }
