@@ -293,7 +293,8 @@ fn subject_of(pem: &str) -> String {
     cert.subject().to_string()
 }
 
-/// One workload IssueCertificate request carries meshid's policy, whatever the CSR asked.
+/// One workload IssueCertificate request carries meshid's policy, whatever the CSR asked (for the
+/// ECDSA keys these tests use: no keyEncipherment, RFC 5480).
 fn assert_sent_workload_policy(r: &serde_json::Value) {
     assert_eq!(
         r["TemplateArn"],
@@ -307,7 +308,7 @@ fn assert_sent_workload_policy(r: &serde_json::Value) {
     assert_eq!(
         pt["Extensions"]["KeyUsage"],
         serde_json::json!({
-            "DigitalSignature": true, "KeyEncipherment": true, "NonRepudiation": false,
+            "DigitalSignature": true, "KeyEncipherment": false, "NonRepudiation": false,
             "DataEncipherment": false, "KeyAgreement": false, "KeyCertSign": false,
             "CRLSign": false, "EncipherOnly": false, "DecipherOnly": false
         })
