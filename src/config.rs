@@ -161,6 +161,14 @@ pub struct ServerArgs {
     /// This replica's identity in the Lease [default: $POD_NAME or the hostname].
     #[arg(long, env = "MESHID_POD_NAME")]
     pub pod_name: Option<String>,
+    /// How often this replica records the roots it signs with in the signing-roots registry
+    /// (see docs/root-rotation.md) [default: 10s].
+    #[arg(long, env = "MESHID_SIGNING_ROOTS_INTERVAL")]
+    pub signing_roots_interval: Option<String>,
+    /// How long beyond `--max-ttl` a stopped replica's roots stay in the bundle, for clock skew
+    /// and the last requests it served; at least twice `--signing-roots-interval` [default: 5m].
+    #[arg(long, env = "MESHID_SIGNING_ROOTS_GRACE")]
+    pub signing_roots_grace: Option<String>,
     /// Maintain istiod's serving certificate Secret [default: false].
     #[arg(long, env = "MESHID_ISTIOD_CERT", num_args = 0..=1, default_missing_value = "true")]
     pub istiod_cert: Option<bool>,
@@ -177,6 +185,22 @@ pub struct ServerArgs {
     /// workloads on their node via `ImpersonatedIdentity` [default: istio-system/ztunnel].
     #[arg(long, env = "MESHID_TRUSTED_NODE_ACCOUNTS", value_delimiter = ',')]
     pub trusted_node_accounts: Option<Vec<String>>,
+    /// Accepted token issuers (`iss`), comma-separated [default: any; the claim must be
+    /// present].
+    #[arg(long, env = "MESHID_TOKEN_ISSUERS", value_delimiter = ',')]
+    pub token_issuers: Option<Vec<String>>,
+    /// Longest time a successful TokenReview of a pod-bound token is cached, so a deleted
+    /// pod's token stops working soon [default: 3s].
+    #[arg(long, env = "MESHID_POD_TOKEN_CACHE_TTL")]
+    pub pod_token_cache_ttl: Option<String>,
+    /// Most concurrent apiserver calls made to authenticate and authorize callers (TokenReviews
+    /// and node-authorization pod reads) [default: 16].
+    #[arg(long, env = "MESHID_APISERVER_CONCURRENCY")]
+    pub apiserver_concurrency: Option<usize>,
+    /// Most such calls waiting for a slot (for at most 5s); beyond it requests fail with
+    /// UNAVAILABLE [default: 1000].
+    #[arg(long, env = "MESHID_APISERVER_QUEUE")]
+    pub apiserver_queue: Option<usize>,
 }
 
 /// How callers are authenticated.
@@ -188,6 +212,12 @@ pub enum AuthnConfig {
         kubeconfig: Option<PathBuf>,
         /// Positive cache TTL.
         cache_ttl: Duration,
+        /// Positive cache TTL of pod-bound tokens.
+        pod_cache_ttl: Duration,
+        /// Accepted issuers; any when empty.
+        issuers: Vec<String>,
+        /// Bound on concurrent apiserver calls for authentication and authorization.
+        limits: crate::authn::ApiLimits,
     },
     /// A static token file (development only).
     StaticTokens(PathBuf),
@@ -274,6 +304,8 @@ pub struct ControllerConfig {
     pub namespace_selector: Option<String>,
     /// Leader election.
     pub lease: crate::controller::LeaseSettings,
+    /// This replica's entry in the signing-roots registry.
+    pub signing_roots: crate::controller::SigningRootsSettings,
     /// istiod certificate, when enabled.
     pub istiod: Option<crate::controller::IstiodCertSettings>,
 }
@@ -316,6 +348,20 @@ macro_rules! merge {
 }
 
 impl ServerArgs {
+    /// The bound on apiserver calls made for callers.
+    fn api_limits(&self) -> Result<crate::authn::ApiLimits, ConfigError> {
+        let defaults = crate::authn::ApiLimits::default();
+        let concurrency = self.apiserver_concurrency.unwrap_or(defaults.concurrency);
+        if concurrency == 0 {
+            return Err(invalid("--apiserver-concurrency", "must be at least 1"));
+        }
+        Ok(crate::authn::ApiLimits {
+            concurrency,
+            queue: self.apiserver_queue.unwrap_or(defaults.queue),
+            ..defaults
+        })
+    }
+
     /// The AWS Private CA settings: `None` for the local signer (refusing stray `--pca-*`
     /// settings), validated options for `--signer aws-pca` (refusing local CA settings).
     fn aws_pca_options(&self, max_ttl: Duration) -> Result<Option<AwsPcaOptions>, ConfigError> {
@@ -396,12 +442,19 @@ impl ServerArgs {
             );
             PcaMode::default()
         });
-        if mode == PcaMode::Intermediate && intermediate_ttl < max_ttl * 2 {
+        let min_intermediate_ttl = aws_pca::intermediate::min_intermediate_ttl(max_ttl);
+        if mode == PcaMode::Intermediate && intermediate_ttl < min_intermediate_ttl {
+            let every = aws_pca::intermediate::renewal_interval(intermediate_ttl, max_ttl);
             return Err(invalid(
                 "--pca-intermediate-ttl",
                 format!(
-                    "must be at least twice --max-ttl ({}) so that every leaf gets its full lifetime",
-                    humantime::format_duration(max_ttl)
+                    "{} with --max-ttl {} would mint an intermediate every {} (PCA backdates \
+                     notBefore by 1h); it must be at least {}, so that every leaf gets its full \
+                     lifetime and at most one intermediate is minted per hour",
+                    humantime::format_duration(intermediate_ttl),
+                    humantime::format_duration(max_ttl),
+                    humantime::format_duration(every),
+                    humantime::format_duration(min_intermediate_ttl),
                 ),
             ));
         }
@@ -422,6 +475,7 @@ impl ServerArgs {
         authn: &AuthnConfig,
         trust_domain: &str,
         default_ttl: Duration,
+        max_ttl: Duration,
     ) -> Result<Option<ControllerConfig>, ConfigError> {
         let root_configmaps = self.root_configmap.unwrap_or(true);
         let istiod_enabled = self.istiod_cert.unwrap_or(false);
@@ -470,7 +524,34 @@ impl ServerArgs {
             trust_domain: trust_domain.to_owned(),
             ttl: default_ttl,
         });
+        let interval = parse_duration(
+            "--signing-roots-interval",
+            self.signing_roots_interval.as_deref(),
+            Duration::from_secs(10),
+        )?;
+        if interval.is_zero() {
+            return Err(invalid("--signing-roots-interval", "must be positive"));
+        }
+        let grace = parse_duration(
+            "--signing-roots-grace",
+            self.signing_roots_grace.as_deref(),
+            Duration::from_secs(300),
+        )?;
+        if grace < interval * 2 {
+            return Err(invalid(
+                "--signing-roots-grace",
+                "must be at least twice --signing-roots-interval",
+            ));
+        }
+        let signing_roots = crate::controller::SigningRootsSettings::new(
+            namespace.clone(),
+            &lease_name,
+            &identity,
+            interval,
+            max_ttl + grace,
+        );
         Ok(Some(ControllerConfig {
+            signing_roots,
             root_configmaps,
             namespace_selector: self
                 .namespace_selector
@@ -523,11 +604,17 @@ impl ServerArgs {
             leader_election_namespace,
             lease_name,
             pod_name,
+            signing_roots_interval,
+            signing_roots_grace,
             istiod_cert,
             istiod_namespace,
             istiod_revision,
             istiod_secret_name,
             trusted_node_accounts,
+            token_issuers,
+            pod_token_cache_ttl,
+            apiserver_concurrency,
+            apiserver_queue,
         );
         merged.validate()
     }
@@ -598,6 +685,19 @@ impl ServerArgs {
             (None, kubeconfig) => AuthnConfig::TokenReview {
                 kubeconfig: kubeconfig.clone(),
                 cache_ttl,
+                pod_cache_ttl: parse_duration(
+                    "--pod-token-cache-ttl",
+                    self.pod_token_cache_ttl.as_deref(),
+                    Duration::from_secs(3),
+                )?,
+                issuers: self
+                    .token_issuers
+                    .iter()
+                    .flatten()
+                    .map(|i| i.trim().to_owned())
+                    .filter(|i| !i.is_empty())
+                    .collect(),
+                limits: self.api_limits()?,
             },
         };
         let signer = match self.aws_pca_options(max_ttl)? {
@@ -649,7 +749,7 @@ impl ServerArgs {
                 ServingTls::SelfIssued { hosts }
             }
         };
-        let controllers = self.controller_config(&authn, &trust_domain, default_ttl)?;
+        let controllers = self.controller_config(&authn, &trust_domain, default_ttl, max_ttl)?;
         Ok(ServerConfig {
             listen,
             http_listen,
@@ -693,6 +793,39 @@ mod tests {
         assert_eq!(c.audiences, vec!["istio-ca"]);
         assert_eq!(c.trust_domain, "cluster.local");
         assert_eq!(c.cluster_id, "Kubernetes");
+        assert_eq!(
+            c.authn,
+            AuthnConfig::TokenReview {
+                kubeconfig: None,
+                cache_ttl: Duration::from_secs(60),
+                pod_cache_ttl: Duration::from_secs(3),
+                issuers: vec![],
+                limits: crate::authn::ApiLimits {
+                    concurrency: 16,
+                    queue: 1000,
+                    queue_timeout: Duration::from_secs(5),
+                },
+            }
+        );
+    }
+
+    #[test]
+    fn stopped_replicas_roots_are_retained_for_max_ttl_plus_grace() {
+        let c = base().validate().unwrap().controllers.unwrap();
+        assert_eq!(c.signing_roots.interval, Duration::from_secs(10));
+        assert_eq!(
+            c.signing_roots.retain,
+            Duration::from_secs(172_800 + 300),
+            "--max-ttl + --signing-roots-grace"
+        );
+        assert_eq!(c.signing_roots.name, "meshid-controllers-signing-roots");
+        let short_grace = ServerArgs {
+            signing_roots_interval: Some("10s".into()),
+            signing_roots_grace: Some("15s".into()),
+            ..base()
+        };
+        let e = short_grace.validate().unwrap_err().to_string();
+        assert!(e.contains("--signing-roots-grace"), "{e}");
     }
 
     #[test]
@@ -740,6 +873,20 @@ mod tests {
                     ..base()
                 },
                 "--tls-key",
+            ),
+            (
+                ServerArgs {
+                    apiserver_concurrency: Some(0),
+                    ..base()
+                },
+                "--apiserver-concurrency",
+            ),
+            (
+                ServerArgs {
+                    pod_token_cache_ttl: Some("0s".into()),
+                    ..base()
+                },
+                "--pod-token-cache-ttl",
             ),
         ];
         for (args, setting) in cases {
@@ -866,6 +1013,46 @@ mod tests {
             let err = args.validate().unwrap_err().to_string();
             assert!(err.starts_with(setting), "{setting}: {err}");
         }
+    }
+
+    #[test]
+    fn intermediate_ttls_that_would_mint_more_than_one_intermediate_an_hour_are_refused() {
+        // PCA backdates notBefore by 1h: a 1h intermediate is at half-life when it arrives.
+        let err = ServerArgs {
+            max_ttl: Some("30m".into()),
+            default_ttl: Some("30m".into()),
+            pca_intermediate_ttl: Some("1h".into()),
+            ..pca()
+        }
+        .validate()
+        .unwrap_err()
+        .to_string();
+        assert!(err.starts_with("--pca-intermediate-ttl"), "{err}");
+        assert!(err.contains("--max-ttl 30m"), "{err}");
+        assert!(err.contains("every 0s"), "{err}");
+        assert!(err.contains("at least 2h 30m"), "{err}");
+        // docs/aws-pca.md prints this message as is.
+        assert!(
+            include_str!("../docs/aws-pca.md").contains(&format!("\n{err}\n")),
+            "{err}"
+        );
+        let ok = ServerArgs {
+            max_ttl: Some("30m".into()),
+            default_ttl: Some("30m".into()),
+            pca_intermediate_ttl: Some("2h30m".into()),
+            ..pca()
+        };
+        ok.validate().unwrap();
+        // Direct mode mints no intermediates.
+        ServerArgs {
+            max_ttl: Some("30m".into()),
+            default_ttl: Some("30m".into()),
+            pca_intermediate_ttl: Some("1h".into()),
+            pca_mode: Some(PcaMode::Direct),
+            ..pca()
+        }
+        .validate()
+        .unwrap();
     }
 
     #[test]

@@ -11,7 +11,7 @@ use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
 
 use super::Rejection;
-use crate::authn::{Authenticator, AuthnError, Caller};
+use crate::authn::{Authenticator, AuthnError, AuthzError, Caller};
 use crate::identity::{LeafProfile, SpiffeId, check_csr};
 use crate::pem::parse_certs;
 use crate::proto::{IstioCertificateRequest, IstioCertificateResponse, IstioCertificateService};
@@ -44,12 +44,13 @@ impl Durations {
 /// Decides whether an authenticated caller (ztunnel) may obtain a certificate for `target`.
 /// Lives here because the handler consumes it; the Kubernetes node authorizer implements it.
 pub trait ImpersonationAuthorizer: Send + Sync {
-    /// `Ok(())` to allow; `Err(reason)` to deny (the reason is logged, not returned).
+    /// `Ok(())` to allow; [`AuthzError::Denied`] to deny (the reason is logged, not returned);
+    /// [`AuthzError::Unavailable`] when the check could not be made (answered `UNAVAILABLE`).
     fn authorize<'a>(
         &'a self,
         caller: &'a Caller,
         target: &'a SpiffeId,
-    ) -> BoxFuture<'a, Result<(), String>>;
+    ) -> BoxFuture<'a, Result<(), AuthzError>>;
 }
 
 struct Inner {
@@ -193,10 +194,7 @@ impl CaService {
                 "impersonation is not enabled".into(),
             ));
         };
-        authz
-            .authorize(caller, &target)
-            .await
-            .map_err(Rejection::ImpersonationDenied)?;
+        authz.authorize(caller, &target).await?;
         Ok(target)
     }
 }
