@@ -608,3 +608,48 @@ async fn the_grpc_endpoint_answers_health_checks_and_unknown_methods_with_unimpl
     assert_eq!(f.issued_count().await, 0);
     f.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_pod_gets_its_first_certificate_at_once_while_another_pod_of_its_identity_is_rate_limited()
+ {
+    let f = Fixture::new(harness!()).await;
+    let bound = |pod| TokenOptions::for_audiences(["istio-ca"]).bound_to(pod);
+    let first = f
+        .harness
+        .create_pod(&f.ns, "web-1", "web", "node-a")
+        .await
+        .unwrap();
+    let token = f
+        .harness
+        .request_token(&f.ns, "web", &bound(&first))
+        .await
+        .unwrap();
+    let csr = f.ec_csr("web");
+    // The first pod loops on CreateCertificate until the limit (20 at once by default) bites.
+    let mut issued = 0u64;
+    let refusal = loop {
+        match f.call(&csr, Some(&token), None).await {
+            Ok(_) => issued += 1,
+            Err(status) => break status,
+        }
+        assert!(issued <= 1000, "never limited after {issued} certificates");
+    };
+    assert_eq!(refusal.code(), Code::ResourceExhausted, "{refusal:?}");
+    assert!(issued >= 20, "the burst was served: {issued}");
+
+    // The next replica of the same identity (a rollout) starts with a full bucket of its own.
+    let second = f
+        .harness
+        .create_pod(&f.ns, "web-2", "web", "node-a")
+        .await
+        .unwrap();
+    let token = f
+        .harness
+        .request_token(&f.ns, "web", &bound(&second))
+        .await
+        .unwrap();
+    f.call(&csr, Some(&token), None)
+        .await
+        .expect("a new pod's first certificate is not delayed");
+    f.stop().await;
+}

@@ -53,6 +53,7 @@ fn workload_request(ttl: Duration) -> (KeyPair, SignRequest) {
         profile: LeafProfile::Workload(id()),
         spki_der: csr.spki_der,
         ttl,
+        max_backdate: crate::identity::DEFAULT_MAX_BACKDATE,
         csr_der: Some(csr.csr_der),
     };
     (key, req)
