@@ -165,6 +165,9 @@ async fn a_client_renewing_at_the_midpoint_of_the_shortest_lifetime_makes_only_t
     // the times are cut to whole seconds: one request at the start, one per 8s after.
     let interval = (MIN_TTL - backdate) / 2 - Duration::from_secs(1);
     let implied = 1 + RUN.as_secs() / interval.as_secs();
+    eprintln!(
+        "{requests} requests in {RUN:?} (at most {implied} implied), lifetimes {lifetimes:?}"
+    );
     assert!(
         requests <= implied,
         "{requests} requests in {RUN:?}; the lifetime implies at most {implied}"
@@ -214,6 +217,10 @@ async fn a_client_hammering_one_identity_is_limited_while_another_identity_is_se
         .parse()
         .unwrap();
     assert!((1..=10_000).contains(&pushback_ms), "{pushback_ms}ms");
+    eprintln!(
+        "{issued} issued in {:?} before the first refusal ({pushback_ms}ms pushback)",
+        started.elapsed()
+    );
     // The whole burst was served, and at most one more per 10s that passed meanwhile.
     let refills = started.elapsed().as_secs() / 10 + 1;
     assert!(
