@@ -13,10 +13,9 @@ use tokio_rustls::TlsAcceptor;
 use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::authn::NodeAuthorizer;
 use crate::authn::{
-    Authenticator, KubeTokenReviewer, StaticTokenAuthenticator, TokenCache,
-    TokenReviewAuthenticator,
+    ApiLimiter, Authenticator, CacheTtls, KubeTokenReviewer, NodeAuthorizer,
+    StaticTokenAuthenticator, TokenCache, TokenReviewAuthenticator, TokenReviewOptions,
 };
 use crate::config::{AuthnConfig, ServerConfig, ServingTls, SignerConfig};
 use crate::controller::{Controllers, spawn_elector};
@@ -106,11 +105,12 @@ pub fn install_crypto_provider() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
 }
 
-/// The authenticator, and the Kubernetes client when meshid talks to a cluster.
+/// The authenticator, and the Kubernetes client (with the limiter bounding the calls made for
+/// callers) when meshid talks to a cluster.
 async fn build_authenticator(
     cfg: &ServerConfig,
     metrics: &ServerMetrics,
-) -> Result<(Arc<dyn Authenticator>, Option<kube::Client>), AppError> {
+) -> Result<(Arc<dyn Authenticator>, Option<(kube::Client, ApiLimiter)>), AppError> {
     match &cfg.authn {
         AuthnConfig::StaticTokens(path) => {
             tracing::warn!("using static token authentication: development only");
@@ -121,6 +121,9 @@ async fn build_authenticator(
         AuthnConfig::TokenReview {
             kubeconfig,
             cache_ttl,
+            pod_cache_ttl,
+            issuers,
+            limits,
         } => {
             let kcfg = match kubeconfig {
                 Some(path) => {
@@ -139,15 +142,34 @@ async fn build_authenticator(
             };
             let client =
                 kube::Client::try_from(kcfg).map_err(|e| AppError::Authn(e.to_string()))?;
+            let refused = prometheus_client::metrics::counter::Counter::<u64>::default();
+            metrics.register_with(|r| {
+                r.register(
+                    "apiserver_calls_refused",
+                    "Authentication and authorization calls to the apiserver refused because \
+                     --apiserver-concurrency calls were running and --apiserver-queue waiting",
+                    refused.clone(),
+                );
+            });
+            let limiter = ApiLimiter::new(*limits, refused);
             let reviewer = Arc::new(KubeTokenReviewer::new(client.clone(), TOKENREVIEW_TIMEOUT));
+            let ttls = CacheTtls {
+                positive: *cache_ttl,
+                pod_bound: *pod_cache_ttl,
+                negative: NEGATIVE_CACHE_TTL,
+            };
             let authn = Arc::new(TokenReviewAuthenticator::new(
                 reviewer,
-                cfg.audiences.clone(),
-                cfg.trust_domain.clone(),
-                TokenCache::new(*cache_ttl, NEGATIVE_CACHE_TTL),
+                TokenReviewOptions {
+                    audiences: cfg.audiences.clone(),
+                    issuers: issuers.clone(),
+                    trust_domain: cfg.trust_domain.clone(),
+                    cache: TokenCache::new(ttls, TokenCache::DEFAULT_CAPACITY),
+                    limiter: limiter.clone(),
+                },
                 metrics.clone(),
             ));
-            Ok((authn, Some(client)))
+            Ok((authn, Some((client, limiter))))
         }
     }
 }
@@ -316,7 +338,8 @@ pub async fn start_server(
     }
     let root_pem = bundle.pem().to_owned();
     let (trust_tx, trust_rx) = trust::channel(bundle);
-    let (authn, kube_client) = build_authenticator(&cfg, &metrics).await?;
+    let (authn, kube) = build_authenticator(&cfg, &metrics).await?;
+    let kube_client = kube.as_ref().map(|(client, _)| client.clone());
     let node_authz_calls = prometheus_client::metrics::counter::Counter::<u64>::default();
     let configmap_writes = prometheus_client::metrics::family::Family::<
         crate::telemetry::ResultLabels,
@@ -335,10 +358,11 @@ pub async fn start_server(
         );
     });
     let impersonation: Option<Arc<dyn crate::server::ImpersonationAuthorizer>> =
-        kube_client.as_ref().map(|c| {
+        kube.map(|(client, limiter)| {
             Arc::new(NodeAuthorizer::new(
-                c.clone(),
+                client,
                 cfg.trusted_node_accounts.clone(),
+                limiter,
                 node_authz_calls.clone(),
             )) as Arc<dyn crate::server::ImpersonationAuthorizer>
         });

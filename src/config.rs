@@ -202,6 +202,22 @@ pub struct ServerArgs {
     /// workloads on their node via `ImpersonatedIdentity` [default: istio-system/ztunnel].
     #[arg(long, env = "MESHID_TRUSTED_NODE_ACCOUNTS", value_delimiter = ',')]
     pub trusted_node_accounts: Option<Vec<String>>,
+    /// Accepted token issuers (`iss`), comma-separated [default: any; the claim must be
+    /// present].
+    #[arg(long, env = "MESHID_TOKEN_ISSUERS", value_delimiter = ',')]
+    pub token_issuers: Option<Vec<String>>,
+    /// Longest time a successful TokenReview of a pod-bound token is cached, so a deleted
+    /// pod's token stops working soon [default: 3s].
+    #[arg(long, env = "MESHID_POD_TOKEN_CACHE_TTL")]
+    pub pod_token_cache_ttl: Option<String>,
+    /// Most concurrent apiserver calls made to authenticate and authorize callers (TokenReviews
+    /// and node-authorization pod reads) [default: 16].
+    #[arg(long, env = "MESHID_APISERVER_CONCURRENCY")]
+    pub apiserver_concurrency: Option<usize>,
+    /// Most such calls waiting for a slot (for at most 5s); beyond it requests fail with
+    /// UNAVAILABLE [default: 1000].
+    #[arg(long, env = "MESHID_APISERVER_QUEUE")]
+    pub apiserver_queue: Option<usize>,
 }
 
 /// How callers are authenticated.
@@ -213,6 +229,12 @@ pub enum AuthnConfig {
         kubeconfig: Option<PathBuf>,
         /// Positive cache TTL.
         cache_ttl: Duration,
+        /// Positive cache TTL of pod-bound tokens.
+        pod_cache_ttl: Duration,
+        /// Accepted issuers; any when empty.
+        issuers: Vec<String>,
+        /// Bound on concurrent apiserver calls for authentication and authorization.
+        limits: crate::authn::ApiLimits,
     },
     /// A static token file (development only).
     StaticTokens(PathBuf),
@@ -347,6 +369,20 @@ macro_rules! merge {
 }
 
 impl ServerArgs {
+    /// The bound on apiserver calls made for callers.
+    fn api_limits(&self) -> Result<crate::authn::ApiLimits, ConfigError> {
+        let defaults = crate::authn::ApiLimits::default();
+        let concurrency = self.apiserver_concurrency.unwrap_or(defaults.concurrency);
+        if concurrency == 0 {
+            return Err(invalid("--apiserver-concurrency", "must be at least 1"));
+        }
+        Ok(crate::authn::ApiLimits {
+            concurrency,
+            queue: self.apiserver_queue.unwrap_or(defaults.queue),
+            ..defaults
+        })
+    }
+
     /// The AWS Private CA settings: `None` for the local signer (refusing stray `--pca-*`
     /// settings), validated options for `--signer aws-pca` (refusing local CA settings).
     fn aws_pca_options(&self, max_ttl: Duration) -> Result<Option<AwsPcaOptions>, ConfigError> {
@@ -616,6 +652,10 @@ impl ServerArgs {
             istiod_revision,
             istiod_secret_name,
             trusted_node_accounts,
+            token_issuers,
+            pod_token_cache_ttl,
+            apiserver_concurrency,
+            apiserver_queue,
         );
         merged.validate()
     }
@@ -696,6 +736,19 @@ impl ServerArgs {
             (None, kubeconfig) => AuthnConfig::TokenReview {
                 kubeconfig: kubeconfig.clone(),
                 cache_ttl,
+                pod_cache_ttl: parse_duration(
+                    "--pod-token-cache-ttl",
+                    self.pod_token_cache_ttl.as_deref(),
+                    Duration::from_secs(3),
+                )?,
+                issuers: self
+                    .token_issuers
+                    .iter()
+                    .flatten()
+                    .map(|i| i.trim().to_owned())
+                    .filter(|i| !i.is_empty())
+                    .collect(),
+                limits: self.api_limits()?,
             },
         };
         let signer = match self.aws_pca_options(max_ttl)? {
@@ -804,6 +857,20 @@ mod tests {
         assert_eq!(c.audiences, vec!["istio-ca"]);
         assert_eq!(c.trust_domain, "cluster.local");
         assert_eq!(c.cluster_id, "Kubernetes");
+        assert_eq!(
+            c.authn,
+            AuthnConfig::TokenReview {
+                kubeconfig: None,
+                cache_ttl: Duration::from_secs(60),
+                pod_cache_ttl: Duration::from_secs(3),
+                issuers: vec![],
+                limits: crate::authn::ApiLimits {
+                    concurrency: 16,
+                    queue: 1000,
+                    queue_timeout: Duration::from_secs(5),
+                },
+            }
+        );
     }
 
     #[test]
@@ -887,6 +954,20 @@ mod tests {
                     ..base()
                 },
                 "--issuance-max-keys",
+            ),
+            (
+                ServerArgs {
+                    apiserver_concurrency: Some(0),
+                    ..base()
+                },
+                "--apiserver-concurrency",
+            ),
+            (
+                ServerArgs {
+                    pod_token_cache_ttl: Some("0s".into()),
+                    ..base()
+                },
+                "--pod-token-cache-ttl",
             ),
         ];
         for (args, setting) in cases {

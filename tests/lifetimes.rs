@@ -19,6 +19,7 @@ use meshid::config::ServerArgs;
 use meshid::identity::{BACKDATE_LIFETIME_DIVISOR, SpiffeId};
 use meshid::proto::{IstioCertificateRequest, IstioCertificateServiceClient};
 use meshid::server::RETRY_PUSHBACK_MS;
+use meshid::trust::TrustBundle;
 use time::OffsetDateTime;
 use tonic::Code;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
@@ -74,6 +75,11 @@ impl Server {
         IstioCertificateServiceClient::new(channel)
     }
 
+    /// The roots a workload trusts before its first call.
+    fn roots(&self) -> TrustBundle {
+        TrustBundle::from_pem(&self.handle.root_pem).expect("root bundle")
+    }
+
     fn metric(&self, series: &str) -> u64 {
         metric_value(&http_get(self.handle.http_addr, "/metrics"), series)
     }
@@ -94,13 +100,17 @@ fn identity(sa: &str) -> SpiffeId {
 /// validated like a workload would (chain, key, identity).
 async fn request(
     client: &mut IstioCertificateServiceClient<Channel>,
+    trusted: &TrustBundle,
     sa: &str,
     validity_secs: i64,
 ) -> Result<Svid, tonic::Status> {
     let id = identity(sa);
     let (key, csr) = generate_csr(&id, WorkloadKeyType::EcdsaP256).unwrap();
     let chain = send(client, sa, &csr, validity_secs).await?;
-    Ok(Svid::from_response(&chain, &key, &id, OffsetDateTime::now_utc()).expect("valid SVID"))
+    Ok(
+        Svid::from_response(&chain, &key, &id, trusted, OffsetDateTime::now_utc())
+            .expect("valid SVID"),
+    )
 }
 
 async fn send(
@@ -133,6 +143,7 @@ async fn a_client_renewing_at_the_midpoint_of_the_shortest_lifetime_makes_only_t
     const RUN: Duration = Duration::from_secs(120);
     let server = Server::start(|a| a.min_ttl = Some("20s".into())).await;
     let mut client = server.client().await;
+    let roots = server.roots();
 
     // Like ztunnel: renew at notBefore + (notAfter - notBefore) / 2, asking each time for a
     // lifetime (1s) below anything meshid issues.
@@ -140,7 +151,7 @@ async fn a_client_renewing_at_the_midpoint_of_the_shortest_lifetime_makes_only_t
     let mut requests = 0u64;
     let mut lifetimes = Vec::new();
     while started.elapsed() < RUN {
-        let svid = request(&mut client, "web", 1)
+        let svid = request(&mut client, &roots, "web", 1)
             .await
             .unwrap_or_else(|s| panic!("request {requests} refused: {s:?}"));
         requests += 1;
@@ -242,8 +253,9 @@ async fn a_client_hammering_one_identity_is_limited_while_another_identity_is_se
         (refused, started.elapsed())
     });
     let mut other = server.client().await;
+    let roots = server.roots();
     for n in 0..5 {
-        let svid = request(&mut other, "db", 3600)
+        let svid = request(&mut other, &roots, "db", 3600)
             .await
             .unwrap_or_else(|s| panic!("db request {n} refused while web is limited: {s:?}"));
         assert_eq!(svid.identity, identity("db"));

@@ -13,13 +13,13 @@ use tonic::{Request, Response, Status};
 
 use super::Rejection;
 use super::issuance_limit::{Admission, IssuanceKey, IssuanceLimiter};
-use crate::authn::{Authenticator, AuthnError, Caller};
+use crate::authn::{Authenticator, AuthnError, AuthzError, Caller};
 use crate::identity::{LeafProfile, SpiffeId, check_csr};
 use crate::pem::parse_certs;
 use crate::proto::{IstioCertificateRequest, IstioCertificateResponse, IstioCertificateService};
 use crate::signer::{BoxFuture, IssuedChain, Provenance, SignRequest, Signer};
 use crate::telemetry::{OutcomeLabels, ServerMetrics};
-use crate::trust::{IssuerPathCache, TrustBundle, TrustError};
+use crate::trust::{IssuerPathCache, TrustBundle, Usage, ValidationError};
 
 /// Metadata key ztunnel uses to ask for a certificate on behalf of a workload on its node.
 pub const IMPERSONATED_IDENTITY: &str = "ImpersonatedIdentity";
@@ -88,12 +88,13 @@ impl Durations {
 /// Decides whether an authenticated caller (ztunnel) may obtain a certificate for `target`.
 /// Lives here because the handler consumes it; the Kubernetes node authorizer implements it.
 pub trait ImpersonationAuthorizer: Send + Sync {
-    /// `Ok(())` to allow; `Err(reason)` to deny (the reason is logged, not returned).
+    /// `Ok(())` to allow; [`AuthzError::Denied`] to deny (the reason is logged, not returned);
+    /// [`AuthzError::Unavailable`] when the check could not be made (answered `UNAVAILABLE`).
     fn authorize<'a>(
         &'a self,
         caller: &'a Caller,
         target: &'a SpiffeId,
-    ) -> BoxFuture<'a, Result<(), String>>;
+    ) -> BoxFuture<'a, Result<(), AuthzError>>;
 }
 
 struct Inner {
@@ -268,10 +269,7 @@ impl CaService {
                 "impersonation is not enabled".into(),
             ));
         };
-        authz
-            .authorize(caller, &target)
-            .await
-            .map_err(Rejection::ImpersonationDenied)?;
+        authz.authorize(caller, &target).await?;
         Ok(target)
     }
 }
@@ -298,17 +296,22 @@ fn verify_issued(
     issued: &IssuedChain,
     cache: &IssuerPathCache,
     now: OffsetDateTime,
-) -> Result<(), TrustError> {
+) -> Result<(), ValidationError> {
     match &issued.provenance {
-        Provenance::InProcess { issuer_path } => cache.verify(bundle, issuer_path, now).map(|_| ()),
+        Provenance::InProcess { issuer_path } => cache
+            .verify(bundle, &issued.leaf_pem, issuer_path, now)
+            .map(|_| ()),
         Provenance::Upstream => {
-            let mut ders =
-                parse_certs(&issued.leaf_pem).map_err(|_| TrustError::Malformed { index: 0 })?;
+            let mut ders = parse_certs(&issued.leaf_pem)
+                .map_err(|_| ValidationError::Malformed { index: 0 })?;
             for pem in &issued.intermediates_pem {
                 let index = ders.len();
-                ders.extend(parse_certs(pem).map_err(|_| TrustError::Malformed { index })?);
+                ders.extend(parse_certs(pem).map_err(|_| ValidationError::Malformed { index })?);
             }
-            bundle.verify_chain(&ders, now)
+            // Workload SVIDs are presented as server and as client certificates.
+            bundle
+                .validate(&ders, now, Usage::ServerAndClientAuth)
+                .map(|_| ())
         }
     }
 }
@@ -469,10 +472,12 @@ mod tests {
         let issued = a.sign_test_leaf();
         assert!(matches!(issued.provenance, Provenance::InProcess { .. }));
         verify_issued(&bundle_of(&a), &issued, &cache, now).unwrap();
-        // After a root rotation that dropped a's root, a's certificates are refused.
+        // After a root rotation that dropped a's root, a's certificates are refused. Both roots
+        // bear the same name (as every generated meshid root does), so the path leads to b's
+        // root, whose key did not sign.
         assert_eq!(
             verify_issued(&bundle_of(&b), &issued, &cache, now),
-            Err(TrustError::UntrustedRoot)
+            Err(ValidationError::BadSignature)
         );
     }
 
@@ -489,7 +494,7 @@ mod tests {
         foreign.provenance = Provenance::Upstream;
         assert_eq!(
             verify_issued(&bundle_of(&a), &foreign, &cache, now),
-            Err(TrustError::UntrustedRoot)
+            Err(ValidationError::BadSignature)
         );
         let mut garbage = a.sign_test_leaf();
         garbage.provenance = Provenance::Upstream;

@@ -5,10 +5,10 @@ use std::time::Duration;
 
 use tonic::{Code, Status};
 
-use crate::authn::AuthnError;
+use crate::authn::{AuthnError, AuthzError, BackendError};
 use crate::identity::CsrRejection;
 use crate::signer::SignerError;
-use crate::trust::TrustError;
+use crate::trust::ValidationError;
 
 /// Why CreateCertificate did not issue a certificate.
 #[derive(Debug, thiserror::Error)]
@@ -26,6 +26,9 @@ pub enum Rejection {
     /// `metadata.ImpersonatedIdentity` was set and the caller may not impersonate it.
     #[error("impersonation denied: {0}")]
     ImpersonationDenied(String),
+    /// The impersonation check could not be made (apiserver unreachable or overloaded).
+    #[error("impersonation check unavailable: {0}")]
+    ImpersonationUnavailable(#[source] BackendError),
     /// The CSR broke the issuance policy.
     #[error("csr: {0}")]
     Csr(#[from] CsrRejection),
@@ -34,7 +37,7 @@ pub enum Rejection {
     Signer(#[from] SignerError),
     /// The issued chain did not verify against the current roots (a CA misconfiguration).
     #[error("issued chain does not verify: {0}")]
-    ChainVerify(#[from] TrustError),
+    ChainVerify(#[from] ValidationError),
     /// The identity (and pod) used up its issuance rate limit.
     #[error("issuance rate limit exceeded for {identity}, next certificate in {}s", retry_after_secs(*.retry_after))]
     RateLimited {
@@ -54,6 +57,15 @@ fn retry_after_secs(d: Duration) -> u64 {
     d.as_secs() + u64::from(d.subsec_nanos() > 0).max(u64::from(d.is_zero()))
 }
 
+impl From<AuthzError> for Rejection {
+    fn from(e: AuthzError) -> Self {
+        match e {
+            AuthzError::Denied(denial) => Self::ImpersonationDenied(denial.to_string()),
+            AuthzError::Unavailable(e) => Self::ImpersonationUnavailable(e),
+        }
+    }
+}
+
 impl Rejection {
     /// A short, stable label for metrics and audit logs.
     pub fn reason(&self) -> &'static str {
@@ -61,6 +73,7 @@ impl Rejection {
             Self::Authn(e) => e.reason(),
             Self::ClusterMismatch { .. } => "cluster_mismatch",
             Self::ImpersonationDenied(_) => "impersonation_denied",
+            Self::ImpersonationUnavailable(_) => "impersonation_unavailable",
             Self::Csr(e) => e.reason(),
             Self::Signer(SignerError::Unavailable(_)) => "signer_unavailable",
             Self::Signer(_) => "signer_error",
@@ -73,13 +86,21 @@ impl Rejection {
     /// backend detail (apiserver errors, file paths, key problems) leaks.
     pub fn to_status(&self) -> Status {
         match self {
-            Self::Authn(AuthnError::Unavailable(_)) => Status::new(
+            Self::Authn(AuthnError::Unavailable(BackendError::Overloaded)) => Status::new(
                 Code::Unavailable,
-                "authentication backend unavailable, retry later",
+                "too many authentications pending, retry later",
             ),
+            Self::Authn(AuthnError::Unavailable(_)) | Self::ImpersonationUnavailable(_) => {
+                Status::new(
+                    Code::Unavailable,
+                    "authentication backend unavailable, retry later",
+                )
+            }
             Self::Authn(
                 e @ (AuthnError::MissingToken
+                | AuthnError::Precheck(_)
                 | AuthnError::Rejected
+                | AuthnError::AudienceNotConfirmed
                 | AuthnError::NotServiceAccount),
             ) => Status::new(Code::Unauthenticated, e.to_string()),
             Self::Authn(e) => Status::new(Code::PermissionDenied, e.to_string()),
@@ -134,8 +155,31 @@ mod tests {
             (AuthnError::MissingToken.into(), Code::Unauthenticated),
             (AuthnError::Rejected.into(), Code::Unauthenticated),
             (
-                AuthnError::Unavailable("dial tcp 10.0.0.1: refused".into()).into(),
+                AuthnError::Unavailable(BackendError::Transport(
+                    "dial tcp 10.0.0.1: refused".into(),
+                ))
+                .into(),
                 Code::Unavailable,
+            ),
+            (
+                AuthnError::Unavailable(BackendError::Overloaded).into(),
+                Code::Unavailable,
+            ),
+            (
+                AuthzError::Unavailable(BackendError::Transport("dial tcp 10.0.0.1".into())).into(),
+                Code::Unavailable,
+            ),
+            (
+                AuthzError::Denied(crate::authn::Denial::PodNotFound).into(),
+                Code::PermissionDenied,
+            ),
+            (
+                AuthnError::Precheck(crate::authn::PrecheckError::Malformed).into(),
+                Code::Unauthenticated,
+            ),
+            (
+                AuthnError::AudienceNotConfirmed.into(),
+                Code::Unauthenticated,
             ),
             (
                 Rejection::ClusterMismatch { got: "x".into() },

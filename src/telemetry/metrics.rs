@@ -99,6 +99,11 @@ impl ServerMetrics {
             "Requests admitted without a rate-limit bucket because the limiter was full",
             issuance_limit_untracked.clone(),
         );
+        registry.register(
+            "log_lines_dropped",
+            "Log lines (never audit lines) dropped because the log writer fell behind",
+            super::DroppedLogLines,
+        );
         Self {
             requests,
             issuance_seconds,

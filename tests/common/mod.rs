@@ -5,3 +5,4 @@ pub mod envoy;
 pub mod kube;
 pub mod meshid;
 pub mod moto;
+pub mod proxy;
