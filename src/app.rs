@@ -18,7 +18,7 @@ use crate::authn::{
     StaticTokenAuthenticator, TokenCache, TokenReviewAuthenticator, TokenReviewOptions,
 };
 use crate::config::{AuthnConfig, ServerConfig, ServingTls, SignerConfig};
-use crate::controller::{Controllers, spawn_elector};
+use crate::controller::{Controllers, SigningRoots, spawn_elector};
 use crate::identity::LeafProfile;
 use crate::proto::IstioCertificateServiceServer;
 use crate::server::{
@@ -74,6 +74,9 @@ pub enum AppError {
         #[source]
         source: std::io::Error,
     },
+    /// This replica's signing roots could not be recorded in the registry at startup.
+    #[error("signing-roots registry: {0}")]
+    SigningRoots(#[from] crate::controller::SigningRootsError),
     /// A server task failed.
     #[error("server: {0}")]
     Serve(String),
@@ -298,13 +301,20 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, AppError> {
 /// Starts the server described by `cfg`; it drains and stops when `shutdown` completes.
 ///
 /// Everything that can fail at startup (CA files, trust bundle, kubeconfig, serving certificate,
-/// listeners) fails here, before the handle is returned.
+/// listeners) fails here, before the handle is returned. The listeners are bound before the
+/// signer starts, so a server that cannot listen makes no call to an upstream CA.
 pub async fn start_server(
     cfg: ServerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<ServerHandle, AppError> {
     install_crypto_provider();
+    // Listeners and authentication first: a taken port or a bad kubeconfig (a crash loop) must
+    // fail before the signer starts, since a PCA signer is billed for what it issues then.
+    let grpc_listener = bind(cfg.listen).await?;
+    let http_listener = bind(cfg.http_listen).await?;
     let metrics = ServerMetrics::new();
+    let (authn, kube) = build_authenticator(&cfg, &metrics).await?;
+    let kube_client = kube.as_ref().map(|(client, _)| client.clone());
     let mut pca_renewal = None;
     let signer: Arc<dyn Signer> = match &cfg.signer {
         SignerConfig::Files(files) => Arc::new(LocalSigner::from_files(files)?),
@@ -332,14 +342,40 @@ pub async fn start_server(
         }
         None => None,
     };
-    let bundle = trust::combine(&anchors, extra_roots.as_deref())?;
+    let local_bundle = trust::combine(&anchors, extra_roots.as_deref())?;
+    // With the controllers, every replica records the roots it signs with before it serves,
+    // and publishes the union of every replica's roots (see controller::SigningRoots).
+    let registry_errors = prometheus_client::metrics::counter::Counter::<u64>::default();
+    let registry = match (&cfg.controllers, &kube_client) {
+        (Some(c), Some(client)) => {
+            let reg = SigningRoots::new(
+                client.clone(),
+                c.signing_roots.clone(),
+                anchors.concat(),
+                registry_errors.clone(),
+            );
+            let in_use = reg.beat(k8s_openapi::jiff::Timestamp::now()).await?;
+            Some((reg, in_use))
+        }
+        _ => None,
+    };
+    let bundle = match &registry {
+        Some((_, in_use)) => crate::controller::compose(&local_bundle, &in_use.roots).0,
+        None => local_bundle.clone(),
+    };
     if let Some(at) = bundle.earliest_expiry() {
         set_expiry(&metrics, "root", at);
     }
     let root_pem = bundle.pem().to_owned();
+    let (local_tx, local_rx) = trust::channel(local_bundle);
     let (trust_tx, trust_rx) = trust::channel(bundle);
-    let (authn, kube) = build_authenticator(&cfg, &metrics).await?;
-    let kube_client = kube.as_ref().map(|(client, _)| client.clone());
+    // The extra-roots reload feeds the registry's union when there is one, else the bundle.
+    let extra_roots_tx = if registry.is_some() {
+        local_tx
+    } else {
+        trust_tx.clone()
+    };
+    let lease_observer = crate::controller::LeaseObserver::default();
     let node_authz_calls = prometheus_client::metrics::counter::Counter::<u64>::default();
     let configmap_writes = prometheus_client::metrics::family::Family::<
         crate::telemetry::ResultLabels,
@@ -355,6 +391,21 @@ pub async fn start_server(
             "root_configmap_writes",
             "istio-ca-root-cert ConfigMap creates and updates",
             configmap_writes.clone(),
+        );
+        r.register(
+            "signing_roots_heartbeat_errors",
+            "Failed heartbeats to the signing-roots registry",
+            registry_errors.clone(),
+        );
+        r.register(
+            "leader",
+            "1 for this replica's view of the controllers' Lease (leader, follower or unknown)",
+            lease_observer.states.clone(),
+        );
+        r.register(
+            "lease_renew_errors",
+            "Failed or timed-out reads and writes of the controllers' Lease",
+            lease_observer.renew_errors.clone(),
         );
     });
     let impersonation: Option<Arc<dyn crate::server::ImpersonationAuthorizer>> =
@@ -400,8 +451,6 @@ pub async fn start_server(
     };
     let tls = serving_config(resolver).map_err(|e| AppError::Tls(e.to_string()))?;
 
-    let grpc_listener = bind(cfg.listen).await?;
-    let http_listener = bind(cfg.http_listen).await?;
     let grpc_addr = grpc_listener
         .local_addr()
         .map_err(|source| AppError::Bind {
@@ -452,6 +501,14 @@ pub async fn start_server(
         .await;
 
     let readiness = Readiness::default();
+    if let Some((lease, _)) = &controllers {
+        let observer = lease_observer.clone();
+        let name = lease.name.clone();
+        readiness.set_detail(Arc::new(move || match observer.current() {
+            Some((state, detail)) => format!("lease {name}: {} ({detail})", state.as_str()),
+            None => format!("lease {name}: not observed yet"),
+        }));
+    }
     let metrics_fn: Arc<dyn Fn() -> String + Send + Sync> = {
         let m = metrics.clone();
         Arc::new(move || m.encode())
@@ -479,13 +536,21 @@ pub async fn start_server(
             background.spawn(trust::reload_extra_roots(
                 anchors,
                 path,
-                trust_tx.clone(),
+                extra_roots_tx,
                 trust::RELOAD_INTERVAL,
                 shutdown_rx.clone(),
             ));
         }
+        if let Some((reg, in_use)) = registry {
+            background.spawn(reg.run(in_use, local_rx, trust_tx.clone(), shutdown_rx.clone()));
+        }
         if let Some((lease, ctrl)) = controllers {
-            let (leading, elector) = spawn_elector(ctrl.client.clone(), lease, shutdown_rx.clone());
+            let (leading, elector) = spawn_elector(
+                ctrl.client.clone(),
+                lease,
+                lease_observer,
+                shutdown_rx.clone(),
+            );
             background.spawn(ctrl.run_while_leading(leading, shutdown_rx.clone()));
             background.spawn(async move {
                 let _ = elector.await;

@@ -186,6 +186,14 @@ pub struct ServerArgs {
     /// This replica's identity in the Lease [default: $POD_NAME or the hostname].
     #[arg(long, env = "MESHID_POD_NAME")]
     pub pod_name: Option<String>,
+    /// How often this replica records the roots it signs with in the signing-roots registry
+    /// (see docs/root-rotation.md) [default: 10s].
+    #[arg(long, env = "MESHID_SIGNING_ROOTS_INTERVAL")]
+    pub signing_roots_interval: Option<String>,
+    /// How long beyond `--max-ttl` a stopped replica's roots stay in the bundle, for clock skew
+    /// and the last requests it served; at least twice `--signing-roots-interval` [default: 5m].
+    #[arg(long, env = "MESHID_SIGNING_ROOTS_GRACE")]
+    pub signing_roots_grace: Option<String>,
     /// Maintain istiod's serving certificate Secret [default: false].
     #[arg(long, env = "MESHID_ISTIOD_CERT", num_args = 0..=1, default_missing_value = "true")]
     pub istiod_cert: Option<bool>,
@@ -327,6 +335,8 @@ pub struct ControllerConfig {
     pub namespace_selector: Option<String>,
     /// Leader election.
     pub lease: crate::controller::LeaseSettings,
+    /// This replica's entry in the signing-roots registry.
+    pub signing_roots: crate::controller::SigningRootsSettings,
     /// istiod certificate, when enabled.
     pub istiod: Option<crate::controller::IstiodCertSettings>,
 }
@@ -463,12 +473,19 @@ impl ServerArgs {
             );
             PcaMode::default()
         });
-        if mode == PcaMode::Intermediate && intermediate_ttl < max_ttl * 2 {
+        let min_intermediate_ttl = aws_pca::intermediate::min_intermediate_ttl(max_ttl);
+        if mode == PcaMode::Intermediate && intermediate_ttl < min_intermediate_ttl {
+            let every = aws_pca::intermediate::renewal_interval(intermediate_ttl, max_ttl);
             return Err(invalid(
                 "--pca-intermediate-ttl",
                 format!(
-                    "must be at least twice --max-ttl ({}) so that every leaf gets its full lifetime",
-                    humantime::format_duration(max_ttl)
+                    "{} with --max-ttl {} would mint an intermediate every {} (PCA backdates \
+                     notBefore by 1h); it must be at least {}, so that every leaf gets its full \
+                     lifetime and at most one intermediate is minted per hour",
+                    humantime::format_duration(intermediate_ttl),
+                    humantime::format_duration(max_ttl),
+                    humantime::format_duration(every),
+                    humantime::format_duration(min_intermediate_ttl),
                 ),
             ));
         }
@@ -541,6 +558,7 @@ impl ServerArgs {
         authn: &AuthnConfig,
         trust_domain: &str,
         default_ttl: Duration,
+        max_ttl: Duration,
     ) -> Result<Option<ControllerConfig>, ConfigError> {
         let root_configmaps = self.root_configmap.unwrap_or(true);
         let istiod_enabled = self.istiod_cert.unwrap_or(false);
@@ -589,7 +607,34 @@ impl ServerArgs {
             trust_domain: trust_domain.to_owned(),
             ttl: default_ttl,
         });
+        let interval = parse_duration(
+            "--signing-roots-interval",
+            self.signing_roots_interval.as_deref(),
+            Duration::from_secs(10),
+        )?;
+        if interval.is_zero() {
+            return Err(invalid("--signing-roots-interval", "must be positive"));
+        }
+        let grace = parse_duration(
+            "--signing-roots-grace",
+            self.signing_roots_grace.as_deref(),
+            Duration::from_secs(300),
+        )?;
+        if grace < interval * 2 {
+            return Err(invalid(
+                "--signing-roots-grace",
+                "must be at least twice --signing-roots-interval",
+            ));
+        }
+        let signing_roots = crate::controller::SigningRootsSettings::new(
+            namespace.clone(),
+            &lease_name,
+            &identity,
+            interval,
+            max_ttl + grace,
+        );
         Ok(Some(ControllerConfig {
+            signing_roots,
             root_configmaps,
             namespace_selector: self
                 .namespace_selector
@@ -647,6 +692,8 @@ impl ServerArgs {
             leader_election_namespace,
             lease_name,
             pod_name,
+            signing_roots_interval,
+            signing_roots_grace,
             istiod_cert,
             istiod_namespace,
             istiod_revision,
@@ -800,7 +847,7 @@ impl ServerArgs {
                 ServingTls::SelfIssued { hosts }
             }
         };
-        let controllers = self.controller_config(&authn, &trust_domain, default_ttl)?;
+        let controllers = self.controller_config(&authn, &trust_domain, default_ttl, max_ttl)?;
         Ok(ServerConfig {
             listen,
             http_listen,
@@ -871,6 +918,25 @@ mod tests {
                 },
             }
         );
+    }
+
+    #[test]
+    fn stopped_replicas_roots_are_retained_for_max_ttl_plus_grace() {
+        let c = base().validate().unwrap().controllers.unwrap();
+        assert_eq!(c.signing_roots.interval, Duration::from_secs(10));
+        assert_eq!(
+            c.signing_roots.retain,
+            Duration::from_secs(172_800 + 300),
+            "--max-ttl + --signing-roots-grace"
+        );
+        assert_eq!(c.signing_roots.name, "meshid-controllers-signing-roots");
+        let short_grace = ServerArgs {
+            signing_roots_interval: Some("10s".into()),
+            signing_roots_grace: Some("15s".into()),
+            ..base()
+        };
+        let e = short_grace.validate().unwrap_err().to_string();
+        assert!(e.contains("--signing-roots-grace"), "{e}");
     }
 
     #[test]
@@ -1151,6 +1217,46 @@ mod tests {
             let err = args.validate().unwrap_err().to_string();
             assert!(err.starts_with(setting), "{setting}: {err}");
         }
+    }
+
+    #[test]
+    fn intermediate_ttls_that_would_mint_more_than_one_intermediate_an_hour_are_refused() {
+        // PCA backdates notBefore by 1h: a 1h intermediate is at half-life when it arrives.
+        let err = ServerArgs {
+            max_ttl: Some("30m".into()),
+            default_ttl: Some("30m".into()),
+            pca_intermediate_ttl: Some("1h".into()),
+            ..pca()
+        }
+        .validate()
+        .unwrap_err()
+        .to_string();
+        assert!(err.starts_with("--pca-intermediate-ttl"), "{err}");
+        assert!(err.contains("--max-ttl 30m"), "{err}");
+        assert!(err.contains("every 0s"), "{err}");
+        assert!(err.contains("at least 2h 30m"), "{err}");
+        // docs/aws-pca.md prints this message as is.
+        assert!(
+            include_str!("../docs/aws-pca.md").contains(&format!("\n{err}\n")),
+            "{err}"
+        );
+        let ok = ServerArgs {
+            max_ttl: Some("30m".into()),
+            default_ttl: Some("30m".into()),
+            pca_intermediate_ttl: Some("2h30m".into()),
+            ..pca()
+        };
+        ok.validate().unwrap();
+        // Direct mode mints no intermediates.
+        ServerArgs {
+            max_ttl: Some("30m".into()),
+            default_ttl: Some("30m".into()),
+            pca_intermediate_ttl: Some("1h".into()),
+            pca_mode: Some(PcaMode::Direct),
+            ..pca()
+        }
+        .validate()
+        .unwrap();
     }
 
     #[test]

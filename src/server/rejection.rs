@@ -8,6 +8,7 @@ use tonic::{Code, Status};
 use crate::authn::{AuthnError, AuthzError, BackendError};
 use crate::identity::CsrRejection;
 use crate::signer::SignerError;
+use crate::signer::aws_pca::PcaError;
 use crate::trust::ValidationError;
 
 /// Why CreateCertificate did not issue a certificate.
@@ -76,6 +77,9 @@ impl Rejection {
             Self::ImpersonationUnavailable(_) => "impersonation_unavailable",
             Self::Csr(e) => e.reason(),
             Self::Signer(SignerError::Unavailable(_)) => "signer_unavailable",
+            Self::Signer(SignerError::AwsPca(PcaError::LeafMismatch(_))) => {
+                "upstream_leaf_mismatch"
+            }
             Self::Signer(_) => "signer_error",
             Self::ChainVerify(_) => "chain_verify_failed",
             Self::RateLimited { .. } => "rate_limited",
@@ -122,6 +126,11 @@ impl Rejection {
             Self::Signer(SignerError::PublicKey(_)) => {
                 Status::new(Code::InvalidArgument, "unusable public key")
             }
+            Self::Signer(SignerError::AwsPca(PcaError::LeafMismatch(_))) => Status::new(
+                Code::Internal,
+                "certificate issuance failed: the upstream CA returned a certificate that \
+                 differs from the request, and it was not served",
+            ),
             Self::Signer(_) | Self::ChainVerify(_) => {
                 Status::new(Code::Internal, "certificate issuance failed")
             }
@@ -201,6 +210,16 @@ mod tests {
             (
                 SignerError::Unavailable("ThrottlingException".into()).into(),
                 Code::Unavailable,
+            ),
+            (
+                SignerError::AwsPca(PcaError::LeafMismatch(
+                    crate::signer::aws_pca::LeafMismatch::Subject {
+                        got: "CN=10.0.0.1".into(),
+                        want: "O=td".into(),
+                    },
+                ))
+                .into(),
+                Code::Internal,
             ),
         ];
         for (rejection, code) in cases {
