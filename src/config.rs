@@ -759,7 +759,14 @@ impl ServerArgs {
         }
         let min_ttl = self.min_ttl()?;
         if min_ttl > default_ttl {
-            return Err(invalid("--min-ttl", "must not exceed --default-ttl"));
+            return Err(invalid(
+                "--min-ttl",
+                format!(
+                    "{} must not exceed --default-ttl ({})",
+                    humantime::format_duration(min_ttl),
+                    humantime::format_duration(default_ttl)
+                ),
+            ));
         }
         let max_backdate = parse_duration(
             "--max-backdate",
@@ -1247,10 +1254,10 @@ mod tests {
             ..pca()
         };
         ok.validate().unwrap();
-        // Direct mode mints no intermediates.
+        // Direct mode mints no intermediates (its lifetimes are at least 2h: --min-ttl).
         ServerArgs {
-            max_ttl: Some("30m".into()),
-            default_ttl: Some("30m".into()),
+            max_ttl: Some("2h".into()),
+            default_ttl: Some("2h".into()),
             pca_intermediate_ttl: Some("1h".into()),
             pca_mode: Some(PcaMode::Direct),
             ..pca()
