@@ -153,6 +153,7 @@ fn rotation_request(n: usize) -> SignRequest {
         profile: LeafProfile::Workload(id),
         spki_der: csr.spki_der,
         ttl: Duration::from_secs(12 * 3600),
+        max_backdate: meshid::identity::DEFAULT_MAX_BACKDATE,
         csr_der: Some(csr.csr_der),
     }
 }

@@ -22,8 +22,8 @@ use crate::identity::LeafProfile;
 use crate::proto::IstioCertificateServiceServer;
 use crate::server::{
     CaService, ConnectionGuard, Durations, GrpcServices, GuardedListener, HTTP_MAX_CONNECTIONS,
-    Readiness, Refusals, RequestLimits, ServingCertResolver, accept_tls, drain_deadline,
-    http_router, serving_config,
+    IssuanceLimiter, Readiness, Refusals, RequestLimits, ServingCertResolver, accept_tls,
+    drain_deadline, http_router, serving_config,
 };
 use crate::signer::{LocalSigner, SignRequest, Signer};
 use crate::telemetry::{CertLabels, ServerMetrics};
@@ -434,12 +434,15 @@ pub async fn start_server(
         trust_rx,
         Durations {
             default: cfg.default_ttl,
+            min: cfg.min_ttl,
             max: cfg.max_ttl,
+            max_backdate: cfg.max_backdate,
         },
         cfg.cluster_id.clone(),
         cfg.trust_domain.clone(),
         impersonation,
         metrics.clone(),
+        cfg.issuance_limit.as_ref().map(IssuanceLimiter::new),
     );
     let controllers = match (&cfg.controllers, &kube_client) {
         (Some(c), Some(client)) => Some((

@@ -5,8 +5,8 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use crate::identity::SpiffeId;
-use crate::server::ServerLimits;
+use crate::identity::{DEFAULT_MAX_BACKDATE, DEFAULT_MIN_TTL, MIN_TTL_FLOOR, SpiffeId};
+use crate::server::{IssuanceLimitSettings, ServerLimits};
 use crate::signer::LocalSignerFiles;
 use crate::signer::aws_pca::{self, AwsPcaOptions, PcaMode};
 use crate::telemetry::LogFormat;
@@ -15,6 +15,10 @@ use crate::telemetry::LogFormat;
 pub const DEFAULT_LISTEN: &str = "0.0.0.0:8443";
 /// Default probes/metrics listen address.
 pub const DEFAULT_HTTP_LISTEN: &str = "0.0.0.0:9402";
+/// Default and lowest `--min-ttl` with AWS Private CA in direct mode. PCA backdates every
+/// certificate by an hour, so a client renewing at the midpoint of `notBefore..notAfter` renews
+/// `(lifetime - 1h) / 2` after issuance: at once below an hour, after 30 minutes at 2 hours.
+pub const PCA_DIRECT_MIN_TTL: Duration = Duration::from_secs(2 * 3600);
 
 /// The configuration is invalid. The message names the setting.
 #[derive(Debug, thiserror::Error)]
@@ -72,9 +76,29 @@ pub struct ServerArgs {
     /// Certificate lifetime when the caller asks for none, e.g. 24h [default: 24h].
     #[arg(long, env = "MESHID_DEFAULT_TTL")]
     pub default_ttl: Option<String>,
-    /// Longest certificate lifetime issued, e.g. 48h [default: 48h].
+    /// Longest certificate lifetime issued, e.g. 48h; longer requests are cut to it
+    /// [default: 48h].
     #[arg(long, env = "MESHID_MAX_TTL")]
     pub max_ttl: Option<String>,
+    /// Shortest certificate lifetime issued; shorter requests are raised to it, at least 10s
+    /// [default: 10m; 2h with --pca-mode direct].
+    #[arg(long, env = "MESHID_MIN_TTL")]
+    pub min_ttl: Option<String>,
+    /// Clock-skew allowance: the most a certificate's notBefore is backdated; it is never more
+    /// than a tenth of the lifetime [default: 60s].
+    #[arg(long, env = "MESHID_MAX_BACKDATE")]
+    pub max_backdate: Option<String>,
+    /// Certificates one identity may obtain at once from this replica (per pod for pod-bound
+    /// tokens); 0 turns the issuance rate limit off [default: 20].
+    #[arg(long, env = "MESHID_ISSUANCE_BURST")]
+    pub issuance_burst: Option<u32>,
+    /// One more certificate per identity (and pod) every this long, beyond the burst
+    /// [default: 10s].
+    #[arg(long, env = "MESHID_ISSUANCE_INTERVAL")]
+    pub issuance_interval: Option<String>,
+    /// Most identities (and pods) the issuance rate limit tracks at once [default: 100000].
+    #[arg(long, env = "MESHID_ISSUANCE_MAX_KEYS")]
+    pub issuance_max_keys: Option<usize>,
     /// Kubeconfig for TokenReview; in-cluster configuration when unset.
     #[arg(long, env = "MESHID_KUBECONFIG")]
     pub kubeconfig: Option<PathBuf>,
@@ -311,6 +335,12 @@ pub struct ServerConfig {
     pub default_ttl: Duration,
     /// Longest lifetime.
     pub max_ttl: Duration,
+    /// Shortest lifetime.
+    pub min_ttl: Duration,
+    /// Clock-skew allowance (the most `notBefore` is backdated).
+    pub max_backdate: Duration,
+    /// Per-identity issuance rate limit; `None` when turned off.
+    pub issuance_limit: Option<IssuanceLimitSettings>,
     /// Authentication.
     pub authn: AuthnConfig,
     /// Signer.
@@ -503,6 +533,58 @@ impl ServerArgs {
         }))
     }
 
+    /// `--min-ttl`: at least [`MIN_TTL_FLOOR`], and at least [`PCA_DIRECT_MIN_TTL`] (also its
+    /// default) with AWS Private CA in direct mode.
+    fn min_ttl(&self) -> Result<Duration, ConfigError> {
+        let direct =
+            self.signer == Some(SignerKind::AwsPca) && self.pca_mode == Some(PcaMode::Direct);
+        let (default, floor) = if direct {
+            (PCA_DIRECT_MIN_TTL, PCA_DIRECT_MIN_TTL)
+        } else {
+            (DEFAULT_MIN_TTL, MIN_TTL_FLOOR)
+        };
+        let min_ttl = parse_duration("--min-ttl", self.min_ttl.as_deref(), default)?;
+        if min_ttl < floor {
+            let why = if direct {
+                " with --pca-mode direct (AWS Private CA backdates every certificate by an hour)"
+            } else {
+                ""
+            };
+            return Err(invalid(
+                "--min-ttl",
+                format!(
+                    "must be at least {}{why}",
+                    humantime::format_duration(floor)
+                ),
+            ));
+        }
+        Ok(min_ttl)
+    }
+
+    /// The per-identity issuance rate limit, `None` with `--issuance-burst 0`.
+    fn issuance_limit(&self) -> Result<Option<IssuanceLimitSettings>, ConfigError> {
+        let defaults = IssuanceLimitSettings::default();
+        let Some(burst) =
+            std::num::NonZeroU32::new(self.issuance_burst.unwrap_or(defaults.burst.get()))
+        else {
+            return Ok(None);
+        };
+        let interval = parse_duration(
+            "--issuance-interval",
+            self.issuance_interval.as_deref(),
+            defaults.interval,
+        )?;
+        let max_keys = self.issuance_max_keys.unwrap_or(defaults.max_keys);
+        if max_keys == 0 {
+            return Err(invalid("--issuance-max-keys", "must be at least 1"));
+        }
+        Ok(Some(IssuanceLimitSettings {
+            burst,
+            interval,
+            max_keys,
+        }))
+    }
+
     /// Controllers run only when meshid talks to Kubernetes (TokenReview authentication).
     fn controller_config(
         &self,
@@ -612,6 +694,11 @@ impl ServerArgs {
             audiences,
             default_ttl,
             max_ttl,
+            min_ttl,
+            max_backdate,
+            issuance_burst,
+            issuance_interval,
+            issuance_max_keys,
             kubeconfig,
             token_cache_ttl,
             static_tokens,
@@ -713,6 +800,23 @@ impl ServerArgs {
         if default_ttl > max_ttl {
             return Err(invalid("--default-ttl", "must not exceed --max-ttl"));
         }
+        let min_ttl = self.min_ttl()?;
+        if min_ttl > default_ttl {
+            return Err(invalid(
+                "--min-ttl",
+                format!(
+                    "{} must not exceed --default-ttl ({})",
+                    humantime::format_duration(min_ttl),
+                    humantime::format_duration(default_ttl)
+                ),
+            ));
+        }
+        let max_backdate = parse_duration(
+            "--max-backdate",
+            self.max_backdate.as_deref(),
+            DEFAULT_MAX_BACKDATE,
+        )?;
+        let issuance_limit = self.issuance_limit()?;
         let cache_ttl = parse_duration(
             "--token-cache-ttl",
             self.token_cache_ttl.as_deref(),
@@ -802,6 +906,9 @@ impl ServerArgs {
             audiences,
             default_ttl,
             max_ttl,
+            min_ttl,
+            max_backdate,
+            issuance_limit,
             authn,
             signer,
             tls,
@@ -898,6 +1005,16 @@ mod tests {
         let c = base().validate().unwrap();
         assert_eq!(c.default_ttl, Duration::from_secs(86_400));
         assert_eq!(c.max_ttl, Duration::from_secs(172_800));
+        assert_eq!(c.min_ttl, Duration::from_secs(600));
+        assert_eq!(c.max_backdate, Duration::from_secs(60));
+        assert_eq!(
+            c.issuance_limit,
+            Some(IssuanceLimitSettings {
+                burst: std::num::NonZeroU32::new(20).unwrap(),
+                interval: Duration::from_secs(10),
+                max_keys: 100_000,
+            })
+        );
         assert_eq!(c.audiences, vec!["istio-ca"]);
         assert_eq!(c.trust_domain, "cluster.local");
         assert_eq!(c.cluster_id, "Kubernetes");
@@ -981,6 +1098,42 @@ mod tests {
                     ..base()
                 },
                 "--tls-key",
+            ),
+            (
+                ServerArgs {
+                    min_ttl: Some("5s".into()),
+                    ..base()
+                },
+                "--min-ttl",
+            ),
+            (
+                ServerArgs {
+                    min_ttl: Some("2h".into()),
+                    default_ttl: Some("1h".into()),
+                    ..base()
+                },
+                "--min-ttl",
+            ),
+            (
+                ServerArgs {
+                    max_backdate: Some("0s".into()),
+                    ..base()
+                },
+                "--max-backdate",
+            ),
+            (
+                ServerArgs {
+                    issuance_interval: Some("never".into()),
+                    ..base()
+                },
+                "--issuance-interval",
+            ),
+            (
+                ServerArgs {
+                    issuance_max_keys: Some(0),
+                    ..base()
+                },
+                "--issuance-max-keys",
             ),
             (
                 ServerArgs {
@@ -1074,6 +1227,63 @@ mod tests {
             let err = args.validate().unwrap_err();
             assert!(err.to_string().starts_with(setting), "{err}");
         }
+    }
+
+    #[test]
+    fn lifetime_and_rate_settings_are_read_from_flags_and_the_yaml_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.yaml");
+        std::fs::write(
+            &path,
+            "ca-dir: /tmp/x\nmin-ttl: 20m\nmax-backdate: 30s\nissuance-burst: 5\nissuance-interval: 1m\nissuance-max-keys: 10\n",
+        )
+        .unwrap();
+        let c = ServerArgs {
+            config: Some(path.clone()),
+            min_ttl: Some("15m".into()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(c.min_ttl, Duration::from_secs(900));
+        assert_eq!(c.max_backdate, Duration::from_secs(30));
+        let limit = c.issuance_limit.unwrap();
+        assert_eq!(limit.burst.get(), 5);
+        assert_eq!(limit.interval, Duration::from_secs(60));
+        assert_eq!(limit.max_keys, 10);
+        let off = ServerArgs {
+            config: Some(path),
+            issuance_burst: Some(0),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(off.issuance_limit, None);
+    }
+
+    #[test]
+    fn pca_direct_mode_raises_the_minimum_lifetime_to_two_hours_and_refuses_less() {
+        let direct = ServerArgs {
+            pca_mode: Some(PcaMode::Direct),
+            ..pca()
+        };
+        assert_eq!(
+            direct.validate().unwrap().min_ttl,
+            Duration::from_secs(7200)
+        );
+        let err = ServerArgs {
+            min_ttl: Some("1h".into()),
+            ..direct
+        }
+        .validate()
+        .unwrap_err()
+        .to_string();
+        assert!(
+            err.starts_with("--min-ttl") && err.contains("direct"),
+            "{err}"
+        );
+        // Intermediate mode signs locally: the general default applies.
+        assert_eq!(pca().validate().unwrap().min_ttl, Duration::from_secs(600));
     }
 
     #[test]
@@ -1208,10 +1418,10 @@ mod tests {
             ..pca()
         };
         ok.validate().unwrap();
-        // Direct mode mints no intermediates.
+        // Direct mode mints no intermediates (its lifetimes are at least 2h: --min-ttl).
         ServerArgs {
-            max_ttl: Some("30m".into()),
-            default_ttl: Some("30m".into()),
+            max_ttl: Some("2h".into()),
+            default_ttl: Some("2h".into()),
             pca_intermediate_ttl: Some("1h".into()),
             pca_mode: Some(PcaMode::Direct),
             ..pca()

@@ -67,6 +67,8 @@ impl Server {
             .args(["--ca-dir", ca_dir.to_str().unwrap()])
             .args(["--static-tokens", tokens.to_str().unwrap()])
             .args(["--trust-domain", "cluster.local"])
+            // The agent asks for 30s certificates (the default minimum is 10m).
+            .args(["--min-ttl", "30s"])
             .args(extra)
             .stdout(Stdio::null())
             .stderr(log)

@@ -671,7 +671,12 @@ fn apiserver_addr(h: &Harness) -> std::net::SocketAddr {
 async fn five_hundred_concurrent_requests_with_one_new_token_make_exactly_one_tokenreview() {
     let h = harness!();
     let proxy = TcpProxy::start(apiserver_addr(&h)).await;
-    let f = Fixture::build(h, Some(&proxy.url()), true).await;
+    // 500 certificates for one identity: without the issuance rate limit, which is not the
+    // subject here (and would refuse all but 20).
+    let f = Fixture::build_with(h, Some(&proxy.url()), true, |args, _| {
+        args.issuance_burst = Some(0)
+    })
+    .await;
     let csr = f.ec_csr("web");
     let token = f.token("web").await;
     let channels = futures::future::join_all((0..4).map(|_| f.channel())).await;
@@ -746,7 +751,11 @@ async fn junk_tokens_are_refused_without_a_tokenreview_and_a_good_one_still_gets
 
 #[tokio::test]
 async fn a_pod_bound_token_is_refused_within_15_seconds_of_its_pods_deletion() {
-    let f = Fixture::new(harness!()).await;
+    // Polls every 250ms for up to 15s: without the issuance rate limit, not the subject here.
+    let f = Fixture::build_with(harness!(), None, true, |args, _| {
+        args.issuance_burst = Some(0)
+    })
+    .await;
     let pod = f
         .harness
         .create_pod(&f.ns, "web-0", "web", "node-a")
@@ -862,6 +871,8 @@ async fn a_flood_of_new_tokens_beyond_the_apiserver_bound_gets_unavailable_while
     let f = Fixture::build_with(harness!(), None, true, |args, _| {
         args.apiserver_concurrency = Some(1);
         args.apiserver_queue = Some(1);
+        // The subject is the apiserver bound, not the issuance rate limit.
+        args.issuance_burst = Some(0);
     })
     .await;
     let csr = f.ec_csr("web");
@@ -900,5 +911,50 @@ async fn a_flood_of_new_tokens_beyond_the_apiserver_bound_gets_unavailable_while
     f.call(&csr, Some(&later), None)
         .await
         .expect("served once the flood is over");
+    f.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_pod_gets_its_first_certificate_at_once_while_another_pod_of_its_identity_is_rate_limited()
+ {
+    let f = Fixture::new(harness!()).await;
+    let bound = |pod| TokenOptions::for_audiences(["istio-ca"]).bound_to(pod);
+    let first = f
+        .harness
+        .create_pod(&f.ns, "web-1", "web", "node-a")
+        .await
+        .unwrap();
+    let token = f
+        .harness
+        .request_token(&f.ns, "web", &bound(&first))
+        .await
+        .unwrap();
+    let csr = f.ec_csr("web");
+    // The first pod loops on CreateCertificate until the limit (20 at once by default) bites.
+    let mut issued = 0u64;
+    let refusal = loop {
+        match f.call(&csr, Some(&token), None).await {
+            Ok(_) => issued += 1,
+            Err(status) => break status,
+        }
+        assert!(issued <= 1000, "never limited after {issued} certificates");
+    };
+    assert_eq!(refusal.code(), Code::ResourceExhausted, "{refusal:?}");
+    assert!(issued >= 20, "the burst was served: {issued}");
+
+    // The next replica of the same identity (a rollout) starts with a full bucket of its own.
+    let second = f
+        .harness
+        .create_pod(&f.ns, "web-2", "web", "node-a")
+        .await
+        .unwrap();
+    let token = f
+        .harness
+        .request_token(&f.ns, "web", &bound(&second))
+        .await
+        .unwrap();
+    f.call(&csr, Some(&token), None)
+        .await
+        .expect("a new pod's first certificate is not delayed");
     f.stop().await;
 }

@@ -229,6 +229,8 @@ impl Rotation {
             extra_roots: Some(self.extra_roots.clone()),
             default_ttl: Some("30s".into()),
             max_ttl: Some("30s".into()),
+            // 30s leaves (the default minimum is 10m).
+            min_ttl: Some("30s".into()),
             signing_roots_interval: Some("1s".into()),
             signing_roots_grace: Some("3s".into()),
             istiod_cert: Some(true),

@@ -53,6 +53,8 @@ impl Ca {
             trust_domain: Some(TD.into()),
             default_ttl: Some("1h".into()),
             max_ttl: Some("2h".into()),
+            // The agent tests rotate 20s certificates (meshid's default minimum is 10m).
+            min_ttl: Some("20s".into()),
             ..Default::default()
         }
         .validate()

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use super::csr::WorkloadKeyType;
 use super::policy::{PolicyError, RotationPolicy};
-use crate::identity::{IdentityError, SpiffeId};
+use crate::identity::{IdentityError, MIN_TTL_FLOOR, SpiffeId};
 use crate::telemetry::LogFormat;
 
 /// Default CA address: the Service of the meshid Helm chart installed as `meshid` in
@@ -77,7 +77,8 @@ pub struct AgentConfig {
         default_value = "ecdsa-p256"
     )]
     pub key_type: WorkloadKeyType,
-    /// Certificate lifetime to request, e.g. `24h` (the CA may issue less).
+    /// Certificate lifetime to request, e.g. `24h`, at least 10s. The CA may issue less (its
+    /// --max-ttl) or more (its --min-ttl, 10m by default); renewal follows what it issued.
     #[arg(long, env = "MESHID_CERT_TTL", value_parser = humantime::parse_duration, default_value = "24h")]
     pub cert_ttl: Duration,
     /// Renew after this fraction of the lifetime left when the certificate arrived (0 < f < 1).
@@ -160,8 +161,14 @@ impl AgentConfig {
                 "must be non-empty Kubernetes names",
             ),
         })?;
-        if self.cert_ttl.is_zero() {
-            return Err(invalid("--cert-ttl", "must be greater than zero"));
+        if self.cert_ttl < MIN_TTL_FLOOR {
+            return Err(invalid(
+                "--cert-ttl",
+                format!(
+                    "must be at least {} (meshid raises shorter requests to its --min-ttl, 10m by default)",
+                    humantime::format_duration(MIN_TTL_FLOOR)
+                ),
+            ));
         }
         let policy = RotationPolicy::new(
             self.refresh_fraction,
@@ -289,6 +296,13 @@ mod tests {
             (
                 AgentConfig {
                     cert_ttl: Duration::ZERO,
+                    ..base()
+                },
+                "--cert-ttl",
+            ),
+            (
+                AgentConfig {
+                    cert_ttl: Duration::from_secs(9),
                     ..base()
                 },
                 "--cert-ttl",

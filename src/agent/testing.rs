@@ -182,6 +182,7 @@ impl FakeCa {
                 profile: LeafProfile::Workload(identity.clone()),
                 spki_der: csr.spki_der,
                 ttl,
+                max_backdate: crate::identity::DEFAULT_MAX_BACKDATE,
                 csr_der: None,
             })
             .map_err(|e| CaClientError::Status {

@@ -10,8 +10,26 @@ use time::OffsetDateTime;
 
 use super::SpiffeId;
 
-/// How far `not_before` is backdated to tolerate clock skew between nodes.
-pub const BACKDATE: Duration = Duration::from_secs(60);
+/// Default clock-skew allowance: the most `not_before` is backdated (`--max-backdate`).
+pub const DEFAULT_MAX_BACKDATE: Duration = Duration::from_secs(60);
+/// Default shortest lifetime issued (`--min-ttl`): shorter requests are raised to it.
+pub const DEFAULT_MIN_TTL: Duration = Duration::from_secs(600);
+/// The lowest `--min-ttl` the server accepts, and the shortest `--cert-ttl` the agent asks for.
+pub const MIN_TTL_FLOOR: Duration = Duration::from_secs(10);
+/// The backdate is at most this fraction of the lifetime (one tenth), see [`backdate`].
+pub const BACKDATE_LIFETIME_DIVISOR: u32 = 10;
+
+/// How far before issuance a leaf living `ttl` after issuance starts: the smaller of the
+/// clock-skew allowance and a tenth of `ttl`.
+///
+/// Clients (istio-agent, ztunnel, `meshid agent`) renew at the midpoint of
+/// `notBefore..notAfter`, which is `(ttl - backdate) / 2` after issuance. A fixed backdate
+/// as long as the lifetime puts that midpoint at or before issuance, so the client renews the
+/// moment a certificate arrives, in a loop. Bounded by a tenth of the lifetime, the midpoint
+/// is always at least `0.45 * ttl` after issuance, whatever the lifetime.
+pub fn backdate(ttl: Duration, skew_allowance: Duration) -> Duration {
+    skew_allowance.min(ttl / BACKDATE_LIFETIME_DIVISOR)
+}
 
 /// What kind of leaf to build.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,8 +75,8 @@ pub fn key_usages(spki_der: &[u8]) -> Vec<KeyUsagePurpose> {
     }
 }
 
-/// Certificate parameters for a leaf certifying `spki_der`, valid from `now - BACKDATE` for
-/// `ttl` after `now`.
+/// Certificate parameters for a leaf certifying `spki_der`, valid from
+/// `now - backdate(ttl, skew_allowance)` (see [`backdate`]) until `ttl` after `now`.
 ///
 /// Always: CA:FALSE, KU from [`key_usages`], EKU serverAuth + clientAuth, a random 128-bit
 /// serial, SKI and AKI. For workloads the subject is empty, so the URI SAN is marked critical
@@ -68,10 +86,11 @@ pub fn leaf_params(
     spki_der: &[u8],
     now: OffsetDateTime,
     ttl: Duration,
+    skew_allowance: Duration,
 ) -> CertificateParams {
     let mut p = CertificateParams::default();
     p.distinguished_name = DistinguishedName::new();
-    p.not_before = now - BACKDATE;
+    p.not_before = now - backdate(ttl, skew_allowance);
     p.not_after = now + ttl;
     p.serial_number = Some(random_serial());
     p.is_ca = IsCa::ExplicitNoCa;
@@ -134,8 +153,9 @@ mod tests {
             &spki,
             now,
             Duration::from_secs(3600),
+            DEFAULT_MAX_BACKDATE,
         );
-        assert_eq!(p.not_before, now - BACKDATE);
+        assert_eq!(p.not_before, now - DEFAULT_MAX_BACKDATE);
         assert_eq!(p.not_after, now + Duration::from_secs(3600));
         assert!(p.distinguished_name.iter().next().is_none());
         assert_eq!(p.subject_alt_names.len(), 1);
@@ -161,6 +181,47 @@ mod tests {
         ] {
             let key = rcgen::KeyPair::generate_for(alg).unwrap();
             assert_eq!(key_usages(&spki(&key)), [KeyUsagePurpose::DigitalSignature]);
+        }
+    }
+
+    #[test]
+    fn the_backdate_is_the_skew_allowance_for_long_lifetimes_and_a_tenth_for_short_ones() {
+        let skew = Duration::from_secs(60);
+        assert_eq!(backdate(Duration::from_secs(86_400), skew), skew);
+        assert_eq!(backdate(Duration::from_secs(600), skew), skew);
+        assert_eq!(
+            backdate(Duration::from_secs(120), skew),
+            Duration::from_secs(12)
+        );
+        assert_eq!(
+            backdate(Duration::from_secs(20), skew),
+            Duration::from_secs(2)
+        );
+        assert_eq!(backdate(Duration::ZERO, skew), Duration::ZERO);
+        assert_eq!(
+            backdate(Duration::from_secs(3600), Duration::from_secs(5)),
+            Duration::from_secs(5)
+        );
+    }
+
+    #[test]
+    fn the_midpoint_of_every_leaf_lies_well_after_its_issuance() {
+        // Where ztunnel, istio-agent and meshid's agent renew: notBefore + (notAfter - notBefore) / 2.
+        let id = SpiffeId::for_service_account("td", "ns", "sa").unwrap();
+        let now = OffsetDateTime::now_utc();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let spki = rcgen::PublicKeyData::subject_public_key_info(&key);
+        for secs in [1u64, 10, 20, 60, 120, 599, 600, 3600, 86_400] {
+            for skew in [Duration::from_secs(60), Duration::from_secs(3600)] {
+                let ttl = Duration::from_secs(secs);
+                let p = leaf_params(&LeafProfile::Workload(id.clone()), &spki, now, ttl, skew);
+                let midpoint = p.not_before + (p.not_after - p.not_before) / 2;
+                let after_issuance = midpoint - now;
+                assert!(
+                    after_issuance >= ttl * 45 / 100,
+                    "ttl {secs}s, skew {skew:?}: renewal due {after_issuance} after issuance"
+                );
+            }
         }
     }
 }

@@ -1,5 +1,6 @@
-//! `IstioCertificateService/CreateCertificate`: authenticate → authorize the identity → check
-//! the CSR → clamp the lifetime → sign → verify the chain against the current roots → respond.
+//! `IstioCertificateService/CreateCertificate`: authenticate → authorize the identity → rate
+//! limit per identity → check the CSR → pick the lifetime → sign → verify the chain against the
+//! current roots → respond.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -11,6 +12,7 @@ use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
 
 use super::Rejection;
+use super::issuance_limit::{Admission, IssuanceKey, IssuanceLimiter};
 use crate::authn::{Authenticator, AuthnError, AuthzError, Caller};
 use crate::identity::{LeafProfile, SpiffeId, check_csr};
 use crate::pem::parse_certs;
@@ -27,16 +29,58 @@ pub const IMPERSONATED_IDENTITY: &str = "ImpersonatedIdentity";
 pub struct Durations {
     /// Used when the caller requests zero or a negative lifetime.
     pub default: Duration,
-    /// Upper bound on any lifetime.
+    /// Lower bound on any lifetime: shorter requests are raised to it.
+    pub min: Duration,
+    /// Upper bound on any lifetime: longer requests are cut to it.
     pub max: Duration,
+    /// Clock-skew allowance: the most `notBefore` is backdated ([`crate::identity::backdate`]).
+    pub max_backdate: Duration,
+}
+
+/// How the granted lifetime was chosen; written in the audit line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TtlDecision {
+    /// The requested lifetime, within bounds.
+    AsRequested,
+    /// None was requested: the default.
+    Default,
+    /// The request was shorter than the minimum and was raised to it.
+    RaisedToMin,
+    /// The request was longer than the maximum and was cut to it (istiod refuses instead).
+    ClampedToMax,
+}
+
+impl TtlDecision {
+    /// A stable label for audit lines.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::AsRequested => "as_requested",
+            Self::Default => "default",
+            Self::RaisedToMin => "raised_to_min",
+            Self::ClampedToMax => "clamped_to_max",
+        }
+    }
 }
 
 impl Durations {
-    /// `min(requested, max)`; `requested <= 0` gives the default.
-    pub fn clamp(&self, requested_secs: i64) -> Duration {
-        match u64::try_from(requested_secs) {
-            Ok(secs) if secs > 0 => Duration::from_secs(secs).min(self.max),
-            _ => self.default.min(self.max),
+    /// The lifetime granted for `requested_secs`: the default when it is zero or negative,
+    /// otherwise the request raised to `min` and cut to `max`.
+    pub fn grant(&self, requested_secs: i64) -> (Duration, TtlDecision) {
+        let requested = match u64::try_from(requested_secs) {
+            Ok(secs) if secs > 0 => Duration::from_secs(secs),
+            _ => {
+                return (
+                    self.default.max(self.min).min(self.max),
+                    TtlDecision::Default,
+                );
+            }
+        };
+        if requested > self.max {
+            (self.max, TtlDecision::ClampedToMax)
+        } else if requested < self.min {
+            (self.min, TtlDecision::RaisedToMin)
+        } else {
+            (requested, TtlDecision::AsRequested)
         }
     }
 }
@@ -65,6 +109,8 @@ struct Inner {
     /// `metrics.requests{outcome="issued"}`, resolved once rather than per request.
     issued: prometheus_client::metrics::counter::Counter,
     issuer_paths: IssuerPathCache,
+    /// The per-identity issuance rate limit, when enabled.
+    limiter: Option<IssuanceLimiter>,
 }
 
 /// The CreateCertificate service. Cheap to clone.
@@ -79,10 +125,13 @@ struct Issued {
     caller: String,
     serial: String,
     not_after: OffsetDateTime,
+    ttl: Duration,
+    ttl_decision: TtlDecision,
 }
 
 impl CaService {
-    /// Builds the service. `impersonation` of `None` refuses every `ImpersonatedIdentity`.
+    /// Builds the service. `impersonation` of `None` refuses every `ImpersonatedIdentity`;
+    /// `limiter` of `None` issues without a rate limit.
     #[allow(clippy::too_many_arguments)]
     pub fn new(
         authn: Arc<dyn Authenticator>,
@@ -93,6 +142,7 @@ impl CaService {
         trust_domain: String,
         impersonation: Option<Arc<dyn ImpersonationAuthorizer>>,
         metrics: ServerMetrics,
+        limiter: Option<IssuanceLimiter>,
     ) -> Self {
         let issued = metrics
             .requests
@@ -113,6 +163,7 @@ impl CaService {
                 issued,
                 metrics,
                 issuer_paths: IssuerPathCache::new(),
+                limiter,
             }),
         }
     }
@@ -127,14 +178,16 @@ impl CaService {
         check_cluster_id(metadata, &inner.cluster_id)?;
         let caller = inner.authn.authenticate(token).await?;
         let identity = self.target_identity(&caller, req).await?;
+        self.check_rate(&caller, &identity)?;
         let csr = check_csr(&req.csr, &identity)?;
-        let ttl = inner.durations.clamp(req.validity_duration);
+        let (ttl, ttl_decision) = inner.durations.grant(req.validity_duration);
         let issued = inner
             .signer
             .sign(SignRequest {
                 profile: LeafProfile::Workload(identity.clone()),
                 spki_der: csr.spki_der,
                 ttl,
+                max_backdate: inner.durations.max_backdate,
                 csr_der: Some(csr.csr_der),
             })
             .await?;
@@ -155,7 +208,29 @@ impl CaService {
             caller: caller.identity.to_string(),
             serial: issued.serial_hex,
             not_after: issued.not_after,
+            ttl,
+            ttl_decision,
         })
+    }
+
+    /// Takes one certificate from the bucket of `identity` (and of the caller's pod, when its
+    /// token is bound to one). A new pod always finds a full bucket.
+    fn check_rate(&self, caller: &Caller, identity: &SpiffeId) -> Result<(), Rejection> {
+        let Some(limiter) = &self.inner.limiter else {
+            return Ok(());
+        };
+        let key = IssuanceKey::new(identity, caller.pod.as_ref().map(|p| p.uid.as_str()));
+        match limiter.check(&key) {
+            Admission::Admitted => Ok(()),
+            Admission::Untracked => {
+                self.inner.metrics.issuance_limit_untracked.inc();
+                Ok(())
+            }
+            Admission::Limited { retry_after } => Err(Rejection::RateLimited {
+                identity: identity.to_string(),
+                retry_after,
+            }),
+        }
     }
 
     /// The identity to certify: the caller's own, or an impersonated one if authorized.
@@ -307,6 +382,9 @@ impl IstioCertificateService for CaService {
                     identity = %issued.identity,
                     serial = %issued.serial,
                     not_after = %issued.not_after,
+                    ttl_requested_s = req.validity_duration,
+                    ttl_granted_s = issued.ttl.as_secs(),
+                    ttl = issued.ttl_decision.as_str(),
                     signer = self.inner.signer.name(),
                     caller = %issued.caller,
                     %peer,
@@ -338,16 +416,23 @@ mod tests {
     use super::*;
 
     #[test]
-    fn requested_lifetimes_are_clamped_and_non_positive_ones_get_the_default() {
+    fn requested_lifetimes_are_raised_to_the_minimum_cut_to_the_maximum_and_defaulted() {
         let d = Durations {
             default: Duration::from_secs(100),
+            min: Duration::from_secs(50),
             max: Duration::from_secs(1000),
+            max_backdate: Duration::from_secs(60),
         };
-        assert_eq!(d.clamp(0), Duration::from_secs(100));
-        assert_eq!(d.clamp(-5), Duration::from_secs(100));
-        assert_eq!(d.clamp(500), Duration::from_secs(500));
-        assert_eq!(d.clamp(5000), Duration::from_secs(1000));
-        assert_eq!(d.clamp(i64::MAX), Duration::from_secs(1000));
+        let s = Duration::from_secs;
+        assert_eq!(d.grant(0), (s(100), TtlDecision::Default));
+        assert_eq!(d.grant(-5), (s(100), TtlDecision::Default));
+        assert_eq!(d.grant(1), (s(50), TtlDecision::RaisedToMin));
+        assert_eq!(d.grant(49), (s(50), TtlDecision::RaisedToMin));
+        assert_eq!(d.grant(50), (s(50), TtlDecision::AsRequested));
+        assert_eq!(d.grant(500), (s(500), TtlDecision::AsRequested));
+        assert_eq!(d.grant(1000), (s(1000), TtlDecision::AsRequested));
+        assert_eq!(d.grant(5000), (s(1000), TtlDecision::ClampedToMax));
+        assert_eq!(d.grant(i64::MAX), (s(1000), TtlDecision::ClampedToMax));
     }
 
     fn md(pairs: &[(&'static str, &str)]) -> MetadataMap {

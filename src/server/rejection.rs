@@ -1,6 +1,8 @@
 //! Every reason a CreateCertificate call is refused, and its conversion to a gRPC status
 //! (the only place server errors become `tonic::Status`).
 
+use std::time::Duration;
+
 use tonic::{Code, Status};
 
 use crate::authn::{AuthnError, AuthzError, BackendError};
@@ -48,6 +50,23 @@ pub enum Rejection {
     /// The issued chain did not verify against the current roots (a CA misconfiguration).
     #[error("issued chain does not verify: {0}")]
     ChainVerify(#[from] ValidationError),
+    /// The identity (and pod) used up its issuance rate limit.
+    #[error("issuance rate limit exceeded for {identity}, next certificate in {}s", retry_after_secs(*.retry_after))]
+    RateLimited {
+        /// The identity to be certified.
+        identity: String,
+        /// Time until the next certificate is allowed.
+        retry_after: Duration,
+    },
+}
+
+/// Metadata key of the retry hint on `RESOURCE_EXHAUSTED`, in milliseconds: gRPC's server
+/// pushback (gRFC A6), honoured by gRPC clients that have a retry policy.
+pub const RETRY_PUSHBACK_MS: &str = "grpc-retry-pushback-ms";
+
+/// Whole seconds to wait, rounded up, at least 1.
+fn retry_after_secs(d: Duration) -> u64 {
+    d.as_secs() + u64::from(d.subsec_nanos() > 0).max(u64::from(d.is_zero()))
 }
 
 impl From<AuthzError> for Rejection {
@@ -76,6 +95,7 @@ impl Rejection {
             }
             Self::Signer(_) => "signer_error",
             Self::ChainVerify(_) => "chain_verify_failed",
+            Self::RateLimited { .. } => "rate_limited",
         }
     }
 
@@ -129,6 +149,22 @@ impl Rejection {
             ),
             Self::Signer(_) | Self::ChainVerify(_) => {
                 Status::new(Code::Internal, "certificate issuance failed")
+            }
+            Self::RateLimited { retry_after, .. } => {
+                let mut status = Status::new(
+                    Code::ResourceExhausted,
+                    format!(
+                        "certificate issuance rate limit for this identity exceeded, retry in {}s",
+                        retry_after_secs(*retry_after)
+                    ),
+                );
+                let ms = u64::try_from(retry_after.as_millis())
+                    .unwrap_or(u64::MAX)
+                    .max(1);
+                if let Ok(value) = ms.to_string().parse() {
+                    status.metadata_mut().insert(RETRY_PUSHBACK_MS, value);
+                }
+                status
             }
         }
     }
@@ -217,5 +253,23 @@ mod tests {
                 !status.message().contains("10.0.0.1") && !status.message().contains("/etc/secret")
             );
         }
+    }
+
+    #[test]
+    fn a_rate_limited_request_gets_resource_exhausted_with_the_wait_in_seconds_and_milliseconds() {
+        let status = Rejection::RateLimited {
+            identity: "spiffe://td/ns/a/sa/b".into(),
+            retry_after: Duration::from_millis(9_200),
+        }
+        .to_status();
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        assert!(
+            status.message().contains("retry in 10s"),
+            "{}",
+            status.message()
+        );
+        assert_eq!(status.metadata().get(RETRY_PUSHBACK_MS).unwrap(), "9200");
+        assert_eq!(retry_after_secs(Duration::ZERO), 1);
+        assert_eq!(retry_after_secs(Duration::from_secs(3)), 3);
     }
 }

@@ -200,13 +200,19 @@ impl LocalSigner {
         self.ca_not_after
     }
 
-    /// Signs synchronously (the cost is one signature with the CA key).
+    /// Signs synchronously (the cost is one signature with the CA key). The lifetime is cut to
+    /// end with the CA certificate, and the backdate is bounded by a tenth of what is left
+    /// ([`crate::identity::backdate`]), so clients renewing at the midpoint never renew at once.
     pub fn sign_now(&self, req: &SignRequest) -> Result<IssuedChain, SignerError> {
         let now = OffsetDateTime::now_utc();
-        let mut params = leaf_params(&req.profile, &req.spki_der, now, req.ttl);
-        if params.not_after > self.ca_not_after {
-            params.not_after = self.ca_not_after;
-        }
+        let ca_left = Duration::try_from(self.ca_not_after - now).unwrap_or(Duration::ZERO);
+        let params = leaf_params(
+            &req.profile,
+            &req.spki_der,
+            now,
+            req.ttl.min(ca_left),
+            req.max_backdate,
+        );
         let spki = SubjectPublicKeyInfo::from_der(&req.spki_der).map_err(SignerError::PublicKey)?;
         let serial_hex = params
             .serial_number
@@ -239,6 +245,7 @@ impl LocalSigner {
             ),
             spki_der: key.subject_public_key_info(),
             ttl: Duration::from_secs(600),
+            max_backdate: crate::identity::DEFAULT_MAX_BACKDATE,
             csr_der: None,
         };
         self.sign_now(&req).expect("sign")
@@ -348,6 +355,7 @@ mod tests {
             ),
             spki_der: key.subject_public_key_info(),
             ttl,
+            max_backdate: crate::identity::DEFAULT_MAX_BACKDATE,
             csr_der: None,
         }
     }
@@ -446,6 +454,16 @@ mod tests {
             .unwrap();
     }
 
+    /// notBefore and notAfter of a PEM leaf.
+    fn validity(pem: &str) -> (OffsetDateTime, OffsetDateTime) {
+        let der = parse_certs(pem).unwrap().remove(0);
+        let (_, cert) = X509Certificate::from_der(&der).unwrap();
+        (
+            cert.validity().not_before.to_datetime(),
+            cert.validity().not_after.to_datetime(),
+        )
+    }
+
     /// A CA certificate signed by `parent`, from `tweak`ed CA parameters.
     fn ca_under(
         parent: &Issuer<'static, KeyPair>,
@@ -481,6 +499,26 @@ mod tests {
             Some(&chain_pem),
             Some(roots.unwrap_or(&root_pem)),
         )
+    }
+
+    #[test]
+    fn a_short_leaf_is_backdated_by_a_tenth_of_its_lifetime_and_a_long_one_by_the_allowance() {
+        let dir = tempfile::tempdir().unwrap();
+        let signer = LocalSigner::load_or_generate(dir.path(), "td").unwrap();
+        let key = KeyPair::generate().unwrap();
+        for (ttl, allowance, want) in [(20, 60, 2), (600, 60, 60), (3600, 30, 30)] {
+            let mut req = request(&key, Duration::from_secs(ttl));
+            req.max_backdate = Duration::from_secs(allowance);
+            let issued = signer.sign_now(&req).unwrap();
+            let (not_before, not_after) = validity(&issued.leaf_pem);
+            // X.509 times have whole seconds: the lifetime is the backdate plus the ttl, +-1s.
+            let lifetime = (not_after - not_before).whole_seconds();
+            let expected = (ttl + want) as i64;
+            assert!(
+                (expected - 1..=expected + 1).contains(&lifetime),
+                "ttl {ttl}s, allowance {allowance}s: {not_before}..{not_after}"
+            );
+        }
     }
 
     #[test]

@@ -29,6 +29,10 @@ pub struct SignRequest {
     pub spki_der: Vec<u8>,
     /// Lifetime from now (the signer may shorten it to fit inside its CA's validity).
     pub ttl: Duration,
+    /// Clock-skew allowance: `notBefore` is backdated by the smaller of this and a tenth of
+    /// the lifetime ([`crate::identity::backdate`]). AWS Private CA in direct mode sets its
+    /// own `notBefore` and ignores it.
+    pub max_backdate: Duration,
     /// The DER PKCS#10 request the key came from, when there is one. Signers that delegate
     /// to an upstream CA needing proof of possession (AWS Private CA) require it; the local
     /// signer ignores it. Policy has already been applied: only its key may be certified.
@@ -38,15 +42,22 @@ pub struct SignRequest {
 impl SignRequest {
     /// A request for a key generated in this process, with a CSR signed by that key naming the
     /// profile's subject and SANs, so that every signer (AWS Private CA in direct mode needs
-    /// the CSR) can use it. Errors with [`SignerError::Sign`] if the CSR cannot be encoded.
+    /// the CSR) can use it, backdated by at most [`crate::identity::DEFAULT_MAX_BACKDATE`].
+    /// Errors with [`SignerError::Sign`] if the CSR cannot be encoded.
     pub fn for_key(
         profile: LeafProfile,
         key: &rcgen::KeyPair,
         ttl: Duration,
     ) -> Result<Self, SignerError> {
         let spki_der = rcgen::PublicKeyData::subject_public_key_info(key);
-        let policy =
-            crate::identity::leaf_params(&profile, &spki_der, OffsetDateTime::now_utc(), ttl);
+        let max_backdate = crate::identity::DEFAULT_MAX_BACKDATE;
+        let policy = crate::identity::leaf_params(
+            &profile,
+            &spki_der,
+            OffsetDateTime::now_utc(),
+            ttl,
+            max_backdate,
+        );
         let mut params = rcgen::CertificateParams::default();
         params.distinguished_name = policy.distinguished_name;
         params.subject_alt_names = policy.subject_alt_names;
@@ -55,6 +66,7 @@ impl SignRequest {
             profile,
             spki_der,
             ttl,
+            max_backdate,
             csr_der: Some(csr.der().to_vec()),
         })
     }

@@ -45,6 +45,9 @@ pub struct ServerMetrics {
     pub token_cache: Family<ResultLabels, Counter>,
     /// Unix time at which the root / serving certificate expires.
     pub cert_expiry: Family<CertLabels, Gauge>,
+    /// Certificates issued without a rate-limit bucket because the limiter tracked its most
+    /// keys already (`--issuance-max-keys`).
+    pub issuance_limit_untracked: Counter,
     registry: Arc<RwLock<Registry>>,
 }
 
@@ -64,6 +67,7 @@ impl ServerMetrics {
         let tokenreviews = Family::<ResultLabels, Counter>::default();
         let token_cache = Family::<ResultLabels, Counter>::default();
         let cert_expiry = Family::<CertLabels, Gauge>::default();
+        let issuance_limit_untracked = Counter::default();
         let mut registry = Registry::with_prefix("meshid");
         registry.register(
             "certificate_requests",
@@ -91,6 +95,11 @@ impl ServerMetrics {
             cert_expiry.clone(),
         );
         registry.register(
+            "issuance_rate_limit_untracked",
+            "Requests admitted without a rate-limit bucket because the limiter was full",
+            issuance_limit_untracked.clone(),
+        );
+        registry.register(
             "log_lines_dropped",
             "Log lines (never audit lines) dropped because the log writer fell behind",
             super::DroppedLogLines,
@@ -101,6 +110,7 @@ impl ServerMetrics {
             tokenreviews,
             token_cache,
             cert_expiry,
+            issuance_limit_untracked,
             registry: Arc::new(RwLock::new(registry)),
         }
     }

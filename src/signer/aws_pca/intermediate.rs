@@ -328,3 +328,41 @@ impl IntermediateRenewal {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::identity::{LeafProfile, SpiffeId};
+    use crate::pem::parse_certs;
+    use x509_parser::prelude::{FromDer, X509Certificate};
+
+    #[tokio::test]
+    async fn a_short_leaf_from_the_intermediate_is_backdated_by_at_most_a_tenth_of_its_lifetime() {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = Arc::new(LocalSigner::load_or_generate(dir.path(), "td").unwrap());
+        let (_tx, current) = watch::channel(ca);
+        let signer = IntermediateSigner {
+            current,
+            roots_pem: Vec::new(),
+        };
+        let key = rcgen::KeyPair::generate().unwrap();
+        let issued = signer
+            .sign(SignRequest {
+                profile: LeafProfile::Workload(
+                    SpiffeId::for_service_account("td", "a", "b").unwrap(),
+                ),
+                spki_der: rcgen::PublicKeyData::subject_public_key_info(&key),
+                ttl: Duration::from_secs(20),
+                max_backdate: Duration::from_secs(60),
+                csr_der: None,
+            })
+            .await
+            .unwrap();
+        let der = parse_certs(&issued.leaf_pem).unwrap().remove(0);
+        let (_, leaf) = X509Certificate::from_der(&der).unwrap();
+        let v = leaf.validity();
+        // 20s from issuance plus a 2s backdate (whole seconds, so +-1s).
+        let lifetime = (v.not_after.to_datetime() - v.not_before.to_datetime()).whole_seconds();
+        assert!((21..=23).contains(&lifetime), "{lifetime}s");
+    }
+}

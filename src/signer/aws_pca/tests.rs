@@ -53,6 +53,7 @@ fn workload_request(ttl: Duration) -> (KeyPair, SignRequest) {
         profile: LeafProfile::Workload(id()),
         spki_der: csr.spki_der,
         ttl,
+        max_backdate: crate::identity::DEFAULT_MAX_BACKDATE,
         csr_der: Some(csr.csr_der),
     };
     (key, req)
@@ -594,6 +595,7 @@ fn workload_request_with_cn(cn: &str) -> SignRequest {
         profile: LeafProfile::Workload(id()),
         spki_der: csr.spki_der,
         ttl: Duration::from_secs(3600),
+        max_backdate: crate::identity::DEFAULT_MAX_BACKDATE,
         csr_der: Some(csr.csr_der),
     }
 }
