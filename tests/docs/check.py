@@ -61,6 +61,7 @@ DOCS = REPO / "docs"
 KUBE_VERSIONS = helm_check.KUBE_VERSIONS
 FIELD_MANAGER = "meshid-docs-test"
 RUN_TIMEOUT_S = 180
+MESHID_IMAGE = "ghcr.io/meshid/meshid"
 
 FENCE = re.compile(r"^(?P<indent>[ \t]*)(?P<ticks>`{3,})(?P<lang>[\w+-]*)[^`]*$")
 MARKER = re.compile(r"^\s*<!--\s*doc-test:\s*(?P<what>.*?)\s*-->\s*$")
@@ -120,6 +121,21 @@ def classify(docs: list[Any], value_keys: set[str]) -> str | None:
     if len(docs) == 1 and isinstance(docs[0], dict) and docs[0] and set(docs[0]) <= value_keys:
         return "helm-values"
     return None
+
+
+def containers(o: dict[str, Any]) -> list[dict[str, Any]]:
+    spec = o.get("spec") or {}
+    spec = (spec.get("template") or {}).get("spec", spec)
+    return [c for key in ("initContainers", "containers") for c in spec.get(key) or []]
+
+
+def check_meshid_images(objects: list[dict[str, Any]]) -> None:
+    """Images of ours that the docs name are ones the Dockerfile builds, at the chart's version."""
+    version = helm_check.app_version()
+    ours = {f"{MESHID_IMAGE}:{version}", f"{MESHID_IMAGE}:{version}-agent"}
+    named = [c["image"] for o in objects for c in containers(o) if c.get("image", "").startswith(MESHID_IMAGE)]
+    wrong = [i for i in named if i not in ours]
+    expect(not wrong, f"{wrong}: the images docs/image.md builds are {sorted(ours)}")
 
 
 def envoy_validate(block: Block, scratch: Path) -> None:
@@ -241,6 +257,9 @@ def check_yaml_block(results: Results, block: Block, value_keys: set[str], scrat
             if objects is helm_check._FAILED:
                 return
         schema_check(results, block.where, objects)
+        if any(c.get("image", "").startswith(MESHID_IMAGE) for o in objects for c in containers(o)):
+            results.check(f"{block.where} names meshid images that docs/image.md builds",
+                          lambda: check_meshid_images(objects))
         if dry is not None:
             dry.apply(results, block.where, objects)
 
