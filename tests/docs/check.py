@@ -19,10 +19,10 @@ Shell blocks marked with an HTML comment on the line before the fence are run as
     <!-- doc-test: run; output contains: TEXT, TEXT -->
 
 with bash -e in a fresh network, PID and mount namespace (so fixed loopback ports and the
-daemons the commands start go away with it; /tmp/mesh is a private tmpfs there), with the
-release `meshid` (--meshid) and `envoy` on PATH. Each TEXT must appear in what they print. Blocks
-of the same page marked `<!-- doc-test: file PATH -->` are written to PATH first, as the page
-tells its reader to do.
+daemons the commands start go away with it), with the release `meshid` (--meshid) and `envoy`
+on PATH. Each TEXT must appear in what they print. Blocks of the same page marked
+`<!-- doc-test: file PATH -->` are written to PATH first, as the page tells its reader to do;
+each such directory is a private, empty tmpfs in the run's mount namespace.
 """
 
 from __future__ import annotations
@@ -283,14 +283,17 @@ def parse_run_marker(marker: str) -> list[str] | None:
 
 def run_block(block: Block, files: dict[str, str], expected: list[str], path_dir: Path) -> None:
     """Runs `block` as printed with bash -e in its own network, PID and mount namespaces."""
-    setup_lines = ["set -eu", "ip link set lo up", "mkdir -p /tmp/mesh", "mount -t tmpfs tmpfs /tmp/mesh"]
+    setup_lines = ["set -eu", "ip link set lo up"]
+    # The directories of the page's files are private (an empty tmpfs each), so runs do not see
+    # each other's or a reader's files there.
+    for d in sorted({str(Path(dest).parent) for dest in files}):
+        setup_lines.append(f"mkdir -p {sh_quote(d)} && mount -t tmpfs tmpfs {sh_quote(d)}")
     with tempfile.TemporaryDirectory(prefix="meshid-docs-") as tmp:
         staged = Path(tmp)
         for i, (dest, text) in enumerate(files.items()):
             src = staged / f"file-{i}"
             src.write_text(text)
-            setup_lines.append(f"mkdir -p {sh_quote(str(Path(dest).parent))} && "
-                               f"cp {sh_quote(str(src))} {sh_quote(dest)}")
+            setup_lines.append(f"cp {sh_quote(str(src))} {sh_quote(dest)}")
         script = staged / "block.sh"
         script.write_text(block.text)
         setup_lines.append(f"cd / && exec bash -e {sh_quote(str(script))}")
