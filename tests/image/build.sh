@@ -7,8 +7,9 @@
 #
 # Usage: tests/image/build.sh [--agent] OUT.tar
 #
-# OUT.tar is a docker-style image tarball: `crane push OUT.tar REF`, `docker load -i OUT.tar` or
-# `podman load -i OUT.tar`. It uses go-containerregistry's crane, built from the Go module proxy
+# OUT.tar is a docker-style image tarball named ghcr.io/meshid/meshid:<Cargo version> (with
+# --agent: <version>-agent), or $MESHID_IMAGE_TAG: `crane push OUT.tar REF`, `docker load -i
+# OUT.tar` or `podman load -i OUT.tar`. It uses go-containerregistry's crane, built from the Go module proxy
 # into ~/.cache/meshid/tools the first time, and a crane registry on 127.0.0.1 (in memory, for
 # the duration of the build) for `crane mutate`. The libraries come from this machine, so the
 # image matches the Dockerfile's (distroless/cc-debian12) when this is Debian 12 as well.
@@ -23,6 +24,9 @@ if [[ "${1:-}" == "--agent" ]]; then
 fi
 [[ $# -eq 1 ]] || { echo "usage: $0 [--agent] OUT.tar" >&2; exit 2; }
 out="$(realpath -m "$1")"
+version="$(sed -n 's/^version = "\(.*\)"$/\1/p' "$repo/Cargo.toml" | head -n1)"
+tag="${MESHID_IMAGE_TAG:-ghcr.io/meshid/meshid:$version$([[ $agent == 1 ]] && echo -agent)}"
+mkdir -p "$(dirname "$out")"
 
 crane_dir="${XDG_CACHE_HOME:-$HOME/.cache}/meshid/tools/crane-$CRANE_VERSION"
 crane="$crane_dir/crane"
@@ -81,5 +85,5 @@ ref="127.0.0.1:$port/meshid:build"
 "$crane" append --oci-empty-base --platform linux/amd64 -f "$work/layer.tar" -t "$ref" >/dev/null
 mutate=(--user 65532:65532 --entrypoint /usr/local/bin/meshid)
 [[ $agent == 1 ]] && mutate+=(--cmd agent)
-"$crane" mutate "$ref" "${mutate[@]}" --set-platform linux/amd64 -o "$out" >/dev/null
-echo "== image written to $out" >&2
+"$crane" mutate "$ref" "${mutate[@]}" --set-platform linux/amd64 -t "$tag" -o "$out" >/dev/null
+echo "== image $tag written to $out" >&2

@@ -82,12 +82,12 @@ def marked_block() -> str:
     return "\n".join(lines[start + 1:end]) + "\n"
 
 
-def image_config(tarball: Path) -> dict[str, Any]:
-    """The config of the one image in a docker-style tarball (manifest.json → config file)."""
+def image_config(tarball: Path) -> tuple[list[str], dict[str, Any]]:
+    """The tags and config of the one image in a docker-style tarball (manifest.json)."""
     with tarfile.open(tarball) as tar:
         manifest = json.load(tar.extractfile("manifest.json"))
         expect(len(manifest) == 1, f"{tarball.name}: {len(manifest)} images, expected 1")
-        return json.load(tar.extractfile(manifest[0]["Config"]))
+        return manifest[0]["RepoTags"], json.load(tar.extractfile(manifest[0]["Config"]))
 
 
 def unpack(crane: Path, tarball: Path, dest: Path) -> None:
@@ -234,7 +234,10 @@ def main() -> int:
             agent = bool(agent_flag)
             name = "agent image" if agent else "image"
             tarball = REPO / path
-            config = image_config(tarball)
+            tags, config = image_config(tarball)
+            want_tag = f"{REPOSITORY}:{cargo_version()}" + ("-agent" if agent else "")
+            results.check(f"{name}: tagged {want_tag}",
+                          lambda tags=tags, want_tag=want_tag: expect(tags == [want_tag], f"tags {tags}"))
             results.check(f"{name}: config has user {USER}, entrypoint {ENTRYPOINT}"
                           + (", cmd [agent]" if agent else ", no cmd"), lambda: check_config(config, agent))
             root = Path(tmp) / ("agent" if agent else "full")
