@@ -94,8 +94,10 @@ pub async fn run(args: QuickstartArgs) -> Result<String, QuickstartError> {
         .await
         .map_err(err)?;
     let elapsed = started.elapsed();
-    let svid =
-        Svid::from_response(&chain, &key, &identity, OffsetDateTime::now_utc()).map_err(err)?;
+    // Validated against the root the server started with, not the roots it returned.
+    let trusted = crate::trust::TrustBundle::from_pem(&server.root_pem).map_err(err)?;
+    let svid = Svid::from_response(&chain, &key, &identity, &trusted, OffsetDateTime::now_utc())
+        .map_err(err)?;
     std::fs::write(dir.join("cert-chain.pem"), &svid.chain_pem).map_err(err)?;
     std::fs::write(dir.join("root-cert.pem"), &svid.roots_pem).map_err(err)?;
     let kept = args.dir.is_some().then_some(dir.as_path());

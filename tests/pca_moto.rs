@@ -24,6 +24,7 @@ use meshid::app::{AppError, ServerHandle, start_server};
 use meshid::config::{ServerArgs, SignerKind};
 use meshid::identity::SpiffeId;
 use meshid::signer::PcaMode;
+use meshid::trust::TrustBundle;
 use time::OffsetDateTime;
 
 const TOKEN: &str = "pca-test-token";
@@ -81,7 +82,15 @@ impl Server {
             .create_certificate(&csr, TOKEN, Duration::from_secs(3600), None)
             .await
             .unwrap();
-        Svid::from_response(&chain, &key, &identity(), OffsetDateTime::now_utc()).unwrap();
+        let trusted = TrustBundle::from_pem(&self.handle.root_pem).unwrap();
+        Svid::from_response(
+            &chain,
+            &key,
+            &identity(),
+            &trusted,
+            OffsetDateTime::now_utc(),
+        )
+        .unwrap();
         openssl_verify(self.dir.path(), &chain);
         chain
     }

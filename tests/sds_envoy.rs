@@ -92,7 +92,8 @@ impl Ca {
             .create_certificate(&csr, "client-token", Duration::from_secs(3600), None)
             .await
             .unwrap();
-        Svid::from_response(&chain, &key, &id, time::OffsetDateTime::now_utc()).unwrap()
+        let trusted = meshid::trust::TrustBundle::from_pem(&self.handle().root_pem).unwrap();
+        Svid::from_response(&chain, &key, &id, &trusted, time::OffsetDateTime::now_utc()).unwrap()
     }
 
     async fn stop(&mut self) {

@@ -2,8 +2,9 @@
 //! Envoy over SDS (and optionally as files).
 //!
 //! One rotation: [`generate_csr`] → [`CertificateIssuer`] (the CA) → [`Svid::from_response`]
-//! (validation) → published on a `watch` channel → every open SDS stream pushes it. When to
-//! rotate is decided by [`RotationPolicy`] alone.
+//! (validation against the roots trusted before the call, [`CaTrust`]) → published on a `watch`
+//! channel → every open SDS stream pushes it. When to rotate is decided by [`RotationPolicy`]
+//! alone. The trusted roots follow the CA's: see [`CaTrust`].
 
 mod ca_client;
 mod config;
@@ -16,6 +17,7 @@ mod rotation;
 mod run;
 #[cfg(test)]
 pub(crate) mod testing;
+mod trust;
 
 pub use ca_client::{CaClient, CaClientError, Svid};
 pub use config::{
@@ -30,3 +32,4 @@ pub use rotation::{
     CertificateIssuer, Rotation, RotationError, RotationSettings, SvidReceiver, SvidSender,
 };
 pub use run::{AgentError, AgentHandle, run_agent, start_agent};
+pub use trust::{CaTrust, FollowedRoots, ROOT_FILE_POLL_INTERVAL, watch_root_file};

@@ -1,5 +1,7 @@
-//! The rotation loop: fresh key → CSR → CA (with the current token) → validate → publish, then
-//! sleep for what [`RotationPolicy`] says, until shutdown.
+//! The rotation loop: fresh key → CSR → CA (with the current token) → validate against the roots
+//! trusted before the call → trust the response's roots → publish, then sleep for what
+//! [`RotationPolicy`] says, until shutdown. While it sleeps, a change of the trusted roots is
+//! published with the current SVID (so the SDS `ROOTCA` resource follows it).
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -14,6 +16,7 @@ use super::ca_client::{CaClient, CaClientError, Svid};
 use super::csr::{WorkloadKeyType, generate_csr};
 use super::metrics::AgentMetrics;
 use super::policy::RotationPolicy;
+use super::trust::CaTrust;
 use crate::identity::SpiffeId;
 
 /// The SVID currently held, if any, as published by the rotation loop. Only validated SVIDs
@@ -85,8 +88,8 @@ pub enum RotationError {
 }
 
 impl RotationError {
-    /// A short label for metrics: `token`, `key`, `ca_unavailable`, `ca_refused` or
-    /// `invalid_response`.
+    /// A short label for metrics: `token`, `key`, `ca_unavailable`, `ca_refused`,
+    /// `untrusted_chain` or `invalid_response`.
     pub fn reason(&self) -> &'static str {
         match self {
             Self::Token { .. } | Self::EmptyToken { .. } => "token",
@@ -97,6 +100,7 @@ impl RotationError {
                 ..
             }) => "ca_unavailable",
             Self::Ca(CaClientError::Status { .. }) => "ca_refused",
+            Self::Ca(CaClientError::Untrusted(_)) => "untrusted_chain",
             Self::Ca(_) => "invalid_response",
         }
     }
@@ -140,20 +144,30 @@ pub struct Rotation<I> {
     issuer: I,
     settings: RotationSettings,
     metrics: AgentMetrics,
+    trust: CaTrust,
 }
 
 impl<I: CertificateIssuer> Rotation<I> {
-    /// A rotation loop obtaining certificates from `issuer`.
-    pub fn new(issuer: I, settings: RotationSettings, metrics: AgentMetrics) -> Self {
+    /// A rotation loop obtaining certificates from `issuer`, validating them against `trust`
+    /// (which it also teaches the roots of every response that validated).
+    pub fn new(
+        issuer: I,
+        settings: RotationSettings,
+        metrics: AgentMetrics,
+        trust: CaTrust,
+    ) -> Self {
         Self {
             issuer,
             settings,
             metrics,
+            trust,
         }
     }
 
     /// One attempt: read the token, generate a key and CSR, call the CA and validate the
-    /// response at `now`. Errors: [`RotationError`].
+    /// response against the roots trusted before the call. Once it validated, the response's
+    /// roots are trusted too, and the SVID is returned with every root now trusted.
+    /// Errors: [`RotationError`].
     pub async fn attempt(&self) -> Result<Svid, RotationError> {
         let s = &self.settings;
         let token = read_token(&s.token_file).await?;
@@ -164,13 +178,17 @@ impl<I: CertificateIssuer> Rotation<I> {
             .await
             .map_err(|e| RotationError::Key(e.to_string()))?
             .map_err(|e| RotationError::Key(e.to_string()))?;
+        let trusted = self.trust.current();
         let chain = self.issuer.issue(&csr, &token, s.cert_ttl).await?;
-        Ok(Svid::from_response(
+        let svid = Svid::from_response(
             &chain,
             &key,
             &s.identity,
+            &trusted,
             OffsetDateTime::now_utc(),
-        )?)
+        )?;
+        self.trust.learn(svid.response_roots());
+        Ok(svid.with_roots_pem(self.trust.current().pem().to_owned()))
     }
 
     /// Runs until `shutdown` turns true (or its sender is dropped): obtains an SVID, publishes
@@ -178,6 +196,7 @@ impl<I: CertificateIssuer> Rotation<I> {
     /// failure the current SVID stays published and the attempt is retried with backoff.
     pub async fn run(self, store: SvidSender, mut shutdown: watch::Receiver<bool>) {
         let mut failures: u32 = 0;
+        let mut roots = self.trust.subscribe();
         loop {
             let span = tracing::info_span!("rotation", identity = %self.settings.identity);
             let outcome = tokio::select! {
@@ -205,6 +224,7 @@ impl<I: CertificateIssuer> Rotation<I> {
                             "SVID issued"
                         );
                     });
+                    roots.borrow_and_update();
                     store.send_replace(Some(Arc::new(svid)));
                     wait
                 }
@@ -232,13 +252,32 @@ impl<I: CertificateIssuer> Rotation<I> {
                     wait
                 }
             };
-            tokio::select! {
-                biased;
-                _ = shutdown.wait_for(|s| *s) => return,
-                _ = tokio::time::sleep(wait) => {}
+            let deadline = tokio::time::Instant::now() + wait;
+            loop {
+                tokio::select! {
+                    biased;
+                    _ = shutdown.wait_for(|s| *s) => return,
+                    _ = tokio::time::sleep_until(deadline) => break,
+                    // `self.trust` holds the sender, so this never ends.
+                    Ok(()) = roots.changed() => {
+                        let pem = roots.borrow_and_update().pem().to_owned();
+                        serve_roots(&store, pem);
+                    }
+                }
             }
         }
     }
+}
+
+/// Publishes the current SVID again with `roots_pem`, if there is one and its roots differ.
+fn serve_roots(store: &SvidSender, roots_pem: String) {
+    store.send_if_modified(|current| match current {
+        Some(svid) if svid.roots_pem != roots_pem => {
+            *current = Some(Arc::new(svid.with_roots_pem(roots_pem)));
+            true
+        }
+        _ => false,
+    });
 }
 
 #[cfg(test)]
@@ -265,6 +304,7 @@ mod tests {
         stop: watch::Sender<bool>,
         task: tokio::task::JoinHandle<()>,
         metrics: AgentMetrics,
+        trust: CaTrust,
         _dir: tempfile::TempDir,
     }
 
@@ -282,7 +322,13 @@ mod tests {
         let ca = Arc::new(FakeCa::new(dir.path(), identity));
         ca.script(outcomes);
         let metrics = AgentMetrics::new();
-        let rotation = Rotation::new(ca.clone(), settings(dir.path(), ttl), metrics.clone());
+        let trust = CaTrust::new(&ca.bundle());
+        let rotation = Rotation::new(
+            ca.clone(),
+            settings(dir.path(), ttl),
+            metrics.clone(),
+            trust.clone(),
+        );
         let (tx, svids) = watch::channel(None);
         let (stop, stop_rx) = watch::channel(false);
         let task = tokio::spawn(rotation.run(tx, stop_rx));
@@ -292,6 +338,7 @@ mod tests {
             stop,
             task,
             metrics,
+            trust,
             _dir: dir,
         }
     }
@@ -450,6 +497,125 @@ mod tests {
         std::fs::write(r._dir.path().join("token"), "token-3").unwrap();
         wait_for_calls(&r.ca, 2).await;
         assert_eq!(r.ca.calls()[1].token, "token-3");
+        r.shut_down().await;
+    }
+
+    /// The serial of the published SVID.
+    fn serial(svids: &SvidReceiver) -> String {
+        svids.borrow().as_ref().unwrap().serial_hex.clone()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_response_that_validates_only_against_its_own_roots_is_refused_and_not_trusted() {
+        let mut r = start(
+            Duration::from_secs(3600),
+            vec![Outcome::Issue, Outcome::ForeignRoot],
+        );
+        r.svids.wait_for(Option::is_some).await.unwrap();
+        let first = serial(&r.svids);
+        let trusted_before = r.trust.current();
+        // The second call answers with a chain from another CA and that CA's root.
+        wait_for_calls(&r.ca, 3).await;
+        settle().await;
+        assert!(
+            r.metrics
+                .encode()
+                .contains("meshid_agent_rotation_failures_total{reason=\"untrusted_chain\"} 1"),
+            "{}",
+            r.metrics.encode()
+        );
+        assert_eq!(
+            *r.trust.current(),
+            *trusted_before,
+            "the refused response's root must not become trusted"
+        );
+        // The third call issued normally and replaced the first SVID.
+        r.svids
+            .wait_for(|s| s.as_ref().unwrap().serial_hex != first)
+            .await
+            .unwrap();
+        r.shut_down().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_root_announced_in_a_validated_response_is_trusted_when_the_ca_switches_to_it() {
+        let mut r = start(Duration::from_secs(100), vec![]);
+        r.svids.wait_for(Option::is_some).await.unwrap();
+        let new_root = r.ca.announce_next_root();
+        let new_root = crate::trust::TrustBundle::from_pem(&new_root).unwrap();
+        // The next rotation returns the announced root: it validates against the old root,
+        // and its bundle becomes trusted, and served.
+        wait_for_calls(&r.ca, 2).await;
+        r.svids
+            .wait_for(|s| {
+                s.as_ref()
+                    .is_some_and(|s| s.roots_pem.contains(new_root.pem()))
+            })
+            .await
+            .unwrap();
+        assert!(r.trust.current().contains(&new_root.roots()[0]));
+        // The CA now signs with the new root: the following rotation is accepted.
+        r.ca.switch_to_next_root();
+        let before = serial(&r.svids);
+        wait_for_calls(&r.ca, 3).await;
+        r.svids
+            .wait_for(|s| s.as_ref().unwrap().serial_hex != before)
+            .await
+            .unwrap();
+        let svid = r.svids.borrow().clone().unwrap();
+        let chain = crate::pem::parse_certs(&svid.chain_pem).unwrap();
+        assert_eq!(
+            new_root.validate(
+                &chain,
+                OffsetDateTime::now_utc(),
+                crate::trust::Usage::ClientAuth
+            ),
+            Ok(crate::trust::ValidatedPath {
+                root: 0,
+                intermediates: 0
+            }),
+            "the SVID now comes from the new root"
+        );
+        assert!(!r.metrics.encode().contains("rotation_failures_total{"));
+        r.shut_down().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_ca_that_switches_to_a_root_it_never_announced_is_refused() {
+        let mut r = start(Duration::from_secs(100), vec![]);
+        r.svids.wait_for(Option::is_some).await.unwrap();
+        r.ca.switch_to_next_root();
+        wait_for_calls(&r.ca, 2).await;
+        settle().await;
+        assert!(
+            r.metrics
+                .encode()
+                .contains("meshid_agent_rotation_failures_total{reason=\"untrusted_chain\"} 1")
+        );
+        assert!(!r.svids.has_changed().unwrap());
+        r.shut_down().await;
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_served_roots_follow_the_trusted_roots_without_a_new_certificate() {
+        let mut r = start(Duration::from_secs(3600), vec![]);
+        r.svids.wait_for(Option::is_some).await.unwrap();
+        let first = r.svids.borrow_and_update().clone().unwrap();
+        // The root file gains a root (step 1 of a rotation, seen through the ConfigMap).
+        let other = FakeCa::new(
+            r._dir.path().join("other").as_path(),
+            SpiffeId::for_service_account("cluster.local", "x", "y").unwrap(),
+        );
+        let both = crate::trust::TrustBundle::from_ders(
+            [r.ca.bundle().roots(), other.bundle().roots()].concat(),
+        )
+        .unwrap();
+        r.trust.set_file_roots(&both);
+        r.svids.changed().await.unwrap();
+        let served = r.svids.borrow_and_update().clone().unwrap();
+        assert_eq!(served.serial_hex, first.serial_hex, "same certificate");
+        assert_eq!(served.roots_pem, both.pem());
+        assert_eq!(r.ca.calls().len(), 1, "no new CA call was needed");
         r.shut_down().await;
     }
 }

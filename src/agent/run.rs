@@ -16,6 +16,7 @@ use super::files::run_file_sink;
 use super::http::router;
 use super::metrics::AgentMetrics;
 use super::rotation::{Rotation, RotationSettings, SvidReceiver};
+use super::trust::{CaTrust, ROOT_FILE_POLL_INTERVAL, watch_root_file};
 use crate::sds::{self, SdsError, SdsService};
 use crate::trust::TrustBundle;
 
@@ -108,7 +109,9 @@ impl AgentHandle {
 }
 
 /// Starts the agent: reads the CA roots, binds the SDS socket and the HTTP listener, and
-/// spawns the rotation loop. Returns once everything is listening; the first SVID arrives
+/// spawns the rotation loop and the watcher of the CA root file (its roots, and those of every
+/// validated response, are trusted for the CA connection and served as `ROOTCA`; see
+/// `agent::trust`). Returns once everything is listening; the first SVID arrives
 /// later (watch [`AgentHandle::svids`] or `/readyz`). Everything stops when `shutdown`
 /// completes; the SDS socket file is removed then.
 ///
@@ -129,13 +132,15 @@ pub async fn start_agent(
             path: root_path.clone(),
             source,
         })?;
-    TrustBundle::from_pem(&root_pem).map_err(|source| AgentError::CaRootInvalid {
-        path: root_path,
-        source,
-    })?;
-    let client = CaClient::new(
+    let file_roots =
+        TrustBundle::from_pem(&root_pem).map_err(|source| AgentError::CaRootInvalid {
+            path: root_path,
+            source,
+        })?;
+    let trust = CaTrust::new(&file_roots);
+    let client = CaClient::following(
         &s.ca_address,
-        &root_pem,
+        trust.subscribe(),
         s.ca_server_name.as_deref(),
         s.cluster_id.clone(),
     )?;
@@ -178,6 +183,13 @@ pub async fn start_agent(
             policy: s.policy,
         },
         metrics.clone(),
+        trust.clone(),
+    );
+    let root_file = watch_root_file(
+        s.ca_root_file.clone(),
+        trust,
+        ROOT_FILE_POLL_INTERVAL,
+        stop_rx.clone(),
     );
     let sds_service = SdsService::new(svids.clone(), metrics.sds.clone(), stop_rx.clone());
     let app = router(svids.clone(), metrics.clone());
@@ -199,6 +211,7 @@ pub async fn start_agent(
         let stop_rx = stop_rx.clone();
         async move {
             let rotation = tokio::spawn(rotation.run(svid_tx, stop_rx.clone()));
+            let root_file = tokio::spawn(root_file);
             let files = files.map(tokio::spawn);
             // A component that fails stops the others.
             let fail_fast = |result: Result<(), AgentError>| {
@@ -227,6 +240,9 @@ pub async fn start_agent(
             };
             let (sds_result, http_result) = tokio::join!(sds, http);
             rotation
+                .await
+                .map_err(|e| AgentError::Task(e.to_string()))?;
+            root_file
                 .await
                 .map_err(|e| AgentError::Task(e.to_string()))?;
             if let Some(files) = files {

@@ -3,8 +3,8 @@
 
 use std::collections::VecDeque;
 use std::future::Future;
-use std::path::Path;
-use std::sync::Mutex;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use time::OffsetDateTime;
@@ -15,6 +15,7 @@ use super::csr::{WorkloadKeyType, generate_csr};
 use super::rotation::CertificateIssuer;
 use crate::identity::{LeafProfile, SpiffeId, check_csr};
 use crate::signer::{LocalSigner, SignRequest, Signer};
+use crate::trust::TrustBundle;
 
 /// What the fake CA does with the next call.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -25,6 +26,9 @@ pub(crate) enum Outcome {
     Unavailable,
     /// Issue a certificate for another identity (which the agent must reject).
     WrongIdentity,
+    /// Issue from an unrelated CA and return that CA's root as the bundle: the chain validates
+    /// only against the roots inside the response (which the agent must reject).
+    ForeignRoot,
 }
 
 /// One call the fake CA received.
@@ -36,9 +40,15 @@ pub(crate) struct Call {
     pub token: String,
 }
 
-/// A CA that signs with a real [`LocalSigner`] for one identity.
+/// A CA that signs with a real [`LocalSigner`] for one identity, and can rotate its root.
 pub(crate) struct FakeCa {
-    signer: LocalSigner,
+    dir: PathBuf,
+    /// The signing CA, and the roots returned besides its own (a root announced ahead of a
+    /// switch, or the previous root after one).
+    signer: Mutex<(Arc<LocalSigner>, Vec<String>)>,
+    /// A root prepared by [`FakeCa::announce_next_root`], not signing yet.
+    next: Mutex<Option<Arc<LocalSigner>>>,
+    roots_made: Mutex<u32>,
     identity: SpiffeId,
     script: Mutex<VecDeque<Outcome>>,
     calls: Mutex<Vec<Call>>,
@@ -51,7 +61,10 @@ impl FakeCa {
         let signer = LocalSigner::load_or_generate(&dir.join("fake-ca"), identity.trust_domain())
             .expect("test CA");
         Self {
-            signer,
+            dir: dir.to_owned(),
+            signer: Mutex::new((Arc::new(signer), Vec::new())),
+            next: Mutex::new(None),
+            roots_made: Mutex::new(0),
             identity,
             script: Mutex::new(VecDeque::new()),
             calls: Mutex::new(Vec::new()),
@@ -75,17 +88,68 @@ impl FakeCa {
         let _ = rx.wait_for(|c| *c >= n).await;
     }
 
-    /// The root bundle, PEM.
+    /// The root bundle it returns, PEM: its own root, then any other root it trusts.
     pub fn roots_pem(&self) -> String {
-        self.signer.trust_anchors_pem().concat()
+        let (signer, extra) = &*self.signer.lock().expect("lock");
+        let mut pem = signer.trust_anchors_pem().concat();
+        pem.extend(extra.iter().map(String::as_str));
+        pem
+    }
+
+    /// The roots it returns, as a bundle.
+    pub fn bundle(&self) -> TrustBundle {
+        TrustBundle::from_pem(&self.roots_pem()).expect("valid roots")
+    }
+
+    fn new_root(&self) -> Arc<LocalSigner> {
+        let n = {
+            let mut made = self.roots_made.lock().expect("lock");
+            *made += 1;
+            *made
+        };
+        let dir = self.dir.join(format!("fake-ca-{n}"));
+        Arc::new(LocalSigner::load_or_generate(&dir, self.identity.trust_domain()).expect("root"))
+    }
+
+    /// Step 1 of a root rotation: a new root, returned in every bundle from now on but not
+    /// signing yet. Returns its PEM.
+    pub fn announce_next_root(&self) -> String {
+        let next = self.new_root();
+        let pem = next.trust_anchors_pem().concat();
+        self.signer.lock().expect("lock").1.push(pem.clone());
+        *self.next.lock().expect("lock") = Some(next);
+        pem
+    }
+
+    /// Step 2: sign with the announced root (a fresh one if none was announced); the previous
+    /// root stays in the bundle.
+    pub fn switch_to_next_root(&self) {
+        let next = self
+            .next
+            .lock()
+            .expect("lock")
+            .take()
+            .unwrap_or_else(|| self.new_root());
+        let mut current = self.signer.lock().expect("lock");
+        let old = current.0.trust_anchors_pem().concat();
+        let new = next.trust_anchors_pem().concat();
+        current.1.retain(|r| *r != new);
+        current.1.insert(0, old);
+        current.0 = next;
     }
 
     /// Issues and validates an SVID for the CA's identity, valid for `ttl`.
     pub fn svid(&self, ttl: Duration) -> Svid {
         let (key, csr) = generate_csr(&self.identity, WorkloadKeyType::EcdsaP256).expect("csr");
         let chain = self.sign(&csr, &self.identity, ttl).expect("sign");
-        Svid::from_response(&chain, &key, &self.identity, OffsetDateTime::now_utc())
-            .expect("valid SVID")
+        Svid::from_response(
+            &chain,
+            &key,
+            &self.identity,
+            &self.bundle(),
+            OffsetDateTime::now_utc(),
+        )
+        .expect("valid SVID")
     }
 
     fn sign(
@@ -94,12 +158,26 @@ impl FakeCa {
         identity: &SpiffeId,
         ttl: Duration,
     ) -> Result<Vec<String>, CaClientError> {
-        let csr = check_csr(csr_pem, &self.identity).map_err(|e| CaClientError::Status {
+        let signer = self.signer.lock().expect("lock").0.clone();
+        let mut chain = Self::sign_with(&signer, csr_pem, &self.identity, identity, ttl)?;
+        chain.push(self.roots_pem());
+        Ok(chain)
+    }
+
+    /// Leaf and intermediates from `signer` (no root bundle) for a CSR made for `csr_identity`,
+    /// certifying `identity`.
+    fn sign_with(
+        signer: &LocalSigner,
+        csr_pem: &str,
+        csr_identity: &SpiffeId,
+        identity: &SpiffeId,
+        ttl: Duration,
+    ) -> Result<Vec<String>, CaClientError> {
+        let csr = check_csr(csr_pem, csr_identity).map_err(|e| CaClientError::Status {
             code: tonic::Code::InvalidArgument,
             message: e.to_string(),
         })?;
-        let issued = self
-            .signer
+        let issued = signer
             .sign_now(&SignRequest {
                 profile: LeafProfile::Workload(identity.clone()),
                 spki_der: csr.spki_der,
@@ -112,7 +190,6 @@ impl FakeCa {
             })?;
         let mut chain = vec![issued.leaf_pem];
         chain.extend(issued.intermediates_pem);
-        chain.push(self.roots_pem());
         Ok(chain)
     }
 
@@ -147,6 +224,13 @@ impl FakeCa {
                 )
                 .expect("valid identity");
                 self.sign(csr_pem, &other, ttl)
+            }
+            Outcome::ForeignRoot => {
+                let foreign = self.new_root();
+                let mut chain =
+                    Self::sign_with(&foreign, csr_pem, &self.identity, &self.identity, ttl)?;
+                chain.push(foreign.trust_anchors_pem().concat());
+                Ok(chain)
             }
         }
     }

@@ -19,7 +19,7 @@ use x509_parser::prelude::{FromDer, GeneralName, X509Certificate};
 use crate::identity::{LeafProfile, SpiffeId};
 use crate::pem::{join_pems, parse_certs};
 use crate::signer::{SignRequest, Signer};
-use crate::trust::TrustBundle;
+use crate::trust::{TrustBundle, Usage};
 
 /// Settings for the istiod certificate.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -85,7 +85,7 @@ pub fn renewal_due(
     let data = secret?.data.as_ref()?;
     let chain_pem = std::str::from_utf8(&data.get("tls.crt")?.0).ok()?;
     let chain = parse_certs(chain_pem).ok()?;
-    bundle.verify_chain(&chain, now).ok()?;
+    bundle.validate(&chain, now, Usage::ServerAuth).ok()?;
     let (_, leaf) = X509Certificate::from_der(chain[0].as_ref()).ok()?;
     let dns: Vec<&str> = leaf
         .subject_alternative_name()

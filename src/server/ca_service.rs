@@ -17,7 +17,7 @@ use crate::pem::parse_certs;
 use crate::proto::{IstioCertificateRequest, IstioCertificateResponse, IstioCertificateService};
 use crate::signer::{BoxFuture, IssuedChain, Provenance, SignRequest, Signer};
 use crate::telemetry::{OutcomeLabels, ServerMetrics};
-use crate::trust::{IssuerPathCache, TrustBundle, TrustError};
+use crate::trust::{IssuerPathCache, TrustBundle, Usage, ValidationError};
 
 /// Metadata key ztunnel uses to ask for a certificate on behalf of a workload on its node.
 pub const IMPERSONATED_IDENTITY: &str = "ImpersonatedIdentity";
@@ -223,17 +223,22 @@ fn verify_issued(
     issued: &IssuedChain,
     cache: &IssuerPathCache,
     now: OffsetDateTime,
-) -> Result<(), TrustError> {
+) -> Result<(), ValidationError> {
     match &issued.provenance {
-        Provenance::InProcess { issuer_path } => cache.verify(bundle, issuer_path, now).map(|_| ()),
+        Provenance::InProcess { issuer_path } => cache
+            .verify(bundle, &issued.leaf_pem, issuer_path, now)
+            .map(|_| ()),
         Provenance::Upstream => {
-            let mut ders =
-                parse_certs(&issued.leaf_pem).map_err(|_| TrustError::Malformed { index: 0 })?;
+            let mut ders = parse_certs(&issued.leaf_pem)
+                .map_err(|_| ValidationError::Malformed { index: 0 })?;
             for pem in &issued.intermediates_pem {
                 let index = ders.len();
-                ders.extend(parse_certs(pem).map_err(|_| TrustError::Malformed { index })?);
+                ders.extend(parse_certs(pem).map_err(|_| ValidationError::Malformed { index })?);
             }
-            bundle.verify_chain(&ders, now)
+            // Workload SVIDs are presented as server and as client certificates.
+            bundle
+                .validate(&ders, now, Usage::ServerAndClientAuth)
+                .map(|_| ())
         }
     }
 }
@@ -384,10 +389,12 @@ mod tests {
         let issued = a.sign_test_leaf();
         assert!(matches!(issued.provenance, Provenance::InProcess { .. }));
         verify_issued(&bundle_of(&a), &issued, &cache, now).unwrap();
-        // After a root rotation that dropped a's root, a's certificates are refused.
+        // After a root rotation that dropped a's root, a's certificates are refused. Both roots
+        // bear the same name (as every generated meshid root does), so the path leads to b's
+        // root, whose key did not sign.
         assert_eq!(
             verify_issued(&bundle_of(&b), &issued, &cache, now),
-            Err(TrustError::UntrustedRoot)
+            Err(ValidationError::BadSignature)
         );
     }
 
@@ -404,7 +411,7 @@ mod tests {
         foreign.provenance = Provenance::Upstream;
         assert_eq!(
             verify_issued(&bundle_of(&a), &foreign, &cache, now),
-            Err(TrustError::UntrustedRoot)
+            Err(ValidationError::BadSignature)
         );
         let mut garbage = a.sign_test_leaf();
         garbage.provenance = Provenance::Upstream;

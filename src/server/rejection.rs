@@ -6,7 +6,7 @@ use tonic::{Code, Status};
 use crate::authn::AuthnError;
 use crate::identity::CsrRejection;
 use crate::signer::SignerError;
-use crate::trust::TrustError;
+use crate::trust::ValidationError;
 
 /// Why CreateCertificate did not issue a certificate.
 #[derive(Debug, thiserror::Error)]
@@ -32,7 +32,7 @@ pub enum Rejection {
     Signer(#[from] SignerError),
     /// The issued chain did not verify against the current roots (a CA misconfiguration).
     #[error("issued chain does not verify: {0}")]
-    ChainVerify(#[from] TrustError),
+    ChainVerify(#[from] ValidationError),
 }
 
 impl Rejection {

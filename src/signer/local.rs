@@ -79,16 +79,8 @@ struct CaFacts {
 fn ca_facts(der: &[u8], now: OffsetDateTime) -> Result<CaFacts, SignerError> {
     let (_, cert) =
         X509Certificate::from_der(der).map_err(|e| invalid(format!("CA certificate: {e}")))?;
-    let is_ca = cert
-        .basic_constraints()
-        .ok()
-        .flatten()
-        .is_some_and(|bc| bc.value.ca);
-    if !is_ca {
-        return Err(invalid(
-            "CA certificate does not have basicConstraints CA:TRUE",
-        ));
-    }
+    crate::trust::check_ca_certificate(der)
+        .map_err(|source| SignerError::CaCertificate { index: 0, source })?;
     let not_after = cert.validity().not_after.to_datetime();
     if not_after <= now {
         return Err(invalid(format!("CA certificate expired at {not_after}")));
@@ -156,9 +148,18 @@ impl LocalSigner {
         }
         if let Some(chain) = chain_pem {
             let chain = parse_certs(chain).map_err(|e| invalid(format!("CA chain: {e}")))?;
+            for (i, der) in chain.iter().enumerate() {
+                crate::trust::check_ca_certificate(der).map_err(|source| {
+                    SignerError::CaCertificate {
+                        index: i + 1,
+                        source,
+                    }
+                })?;
+            }
             intermediates_pem.extend(chain.iter().map(|c| cert_to_pem(c)));
             issuer_path.extend(chain);
         }
+        check_path(&issuer, &facts.spki, &issuer_path, &roots, now)?;
         Ok(Self {
             issuer,
             issuer_path: issuer_path.into(),
@@ -242,6 +243,44 @@ impl LocalSigner {
         };
         self.sign_now(&req).expect("sign")
     }
+}
+
+/// Checks, once at load, that certificates signed with `issuer` validate through
+/// `issuer_path` to `roots`, with the same validator used for everything else: it signs a
+/// short-lived probe certificate (for the CA's own public key, never published) and validates
+/// probe + path. This proves the path (CA:TRUE, keyCertSign, path lengths, validity, critical
+/// extensions, signatures) and that the key signs for the first certificate of the path.
+fn check_path(
+    issuer: &Issuer<'static, KeyPair>,
+    spki: &[u8],
+    issuer_path: &[CertificateDer<'static>],
+    roots_pem: &[String],
+    now: OffsetDateTime,
+) -> Result<(), SignerError> {
+    let mut p = CertificateParams::default();
+    p.distinguished_name = DistinguishedName::new();
+    p.distinguished_name
+        .push(DnType::CommonName, "meshid issuer path check");
+    p.serial_number = Some(random_serial());
+    p.not_before = now - Duration::from_secs(60);
+    p.not_after = now + Duration::from_secs(60);
+    p.is_ca = IsCa::ExplicitNoCa;
+    let spki = SubjectPublicKeyInfo::from_der(spki).map_err(SignerError::PublicKey)?;
+    let probe = p.signed_by(&spki, issuer).map_err(SignerError::Sign)?;
+    let mut chain = vec![probe.der().clone()];
+    chain.extend(issuer_path.iter().cloned());
+    let mut roots = Vec::new();
+    for pem in roots_pem {
+        roots.extend(parse_certs(pem).map_err(|e| invalid(format!("root bundle: {e}")))?);
+    }
+    crate::trust::validate_chain(
+        &chain,
+        &roots,
+        now,
+        crate::trust::Usage::ServerAndClientAuth,
+    )
+    .map_err(SignerError::CaPath)?;
+    Ok(())
 }
 
 /// Generates a self-signed ECDSA P-256 root: returns (certificate PEM, PKCS#8 key PEM).
@@ -332,7 +371,11 @@ mod tests {
             crate::trust::TrustBundle::from_pem(&signer.trust_anchors_pem().join("")).unwrap();
         let leaf = parse_certs(&issued.leaf_pem).unwrap();
         bundle
-            .verify_chain(&leaf, OffsetDateTime::now_utc())
+            .validate(
+                &leaf,
+                OffsetDateTime::now_utc(),
+                crate::trust::Usage::ServerAndClientAuth,
+            )
             .unwrap();
         // Loading again reuses the same root.
         let again = LocalSigner::load_or_generate(dir.path(), "td").unwrap();
@@ -395,7 +438,105 @@ mod tests {
         chain.extend(parse_certs(&issued.intermediates_pem[0]).unwrap());
         let bundle = crate::trust::TrustBundle::from_pem(&root_pem).unwrap();
         bundle
-            .verify_chain(&chain, OffsetDateTime::now_utc())
+            .validate(
+                &chain,
+                OffsetDateTime::now_utc(),
+                crate::trust::Usage::ServerAndClientAuth,
+            )
             .unwrap();
+    }
+
+    /// A CA certificate signed by `parent`, from `tweak`ed CA parameters.
+    fn ca_under(
+        parent: &Issuer<'static, KeyPair>,
+        cn: &str,
+        tweak: impl FnOnce(&mut CertificateParams),
+    ) -> (String, KeyPair) {
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::default();
+        p.distinguished_name = DistinguishedName::new();
+        p.distinguished_name.push(DnType::CommonName, cn);
+        p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        p.key_usages = vec![KeyUsagePurpose::KeyCertSign];
+        tweak(&mut p);
+        let cert = p.signed_by(&key, parent).unwrap();
+        (cert.pem(), key)
+    }
+
+    /// Loads a signing CA under an intermediate (from `tweak`ed parameters) under a fresh root,
+    /// with the intermediate given as `--ca-chain`.
+    fn load_with_chain(
+        tweak: impl FnOnce(&mut CertificateParams),
+        roots: Option<&str>,
+    ) -> Result<LocalSigner, SignerError> {
+        let (root_pem, root_key_pem) = generate_root("td").unwrap();
+        let root_key = KeyPair::from_pem(&root_key_pem).unwrap();
+        let root = Issuer::from_ca_cert_pem(&root_pem, root_key).unwrap();
+        let (chain_pem, chain_key) = ca_under(&root, "chain intermediate", tweak);
+        let chain_issuer = Issuer::from_ca_cert_pem(&chain_pem, chain_key).unwrap();
+        let (ca_pem, ca_key) = ca_under(&chain_issuer, "signing CA", |_| {});
+        LocalSigner::from_pem(
+            &ca_pem,
+            &ca_key.serialize_pem(),
+            Some(&chain_pem),
+            Some(roots.unwrap_or(&root_pem)),
+        )
+    }
+
+    #[test]
+    fn a_ca_chain_is_loaded_only_when_every_intermediate_can_issue_and_the_path_validates() {
+        let signer = load_with_chain(|_| {}, None).unwrap();
+        assert_eq!(signer.sign_test_leaf().intermediates_pem.len(), 2);
+        let not_ca = load_with_chain(|p| p.is_ca = IsCa::ExplicitNoCa, None).unwrap_err();
+        assert!(
+            matches!(
+                not_ca,
+                SignerError::CaCertificate {
+                    index: 1,
+                    source: crate::trust::ValidationError::NotCa
+                }
+            ),
+            "{not_ca}"
+        );
+        let no_cert_sign = load_with_chain(
+            |p| p.key_usages = vec![KeyUsagePurpose::DigitalSignature],
+            None,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(
+                no_cert_sign,
+                SignerError::CaCertificate {
+                    index: 1,
+                    source: crate::trust::ValidationError::NoKeyCertSign
+                }
+            ),
+            "{no_cert_sign}"
+        );
+        let expired = load_with_chain(
+            |p| {
+                p.not_before = OffsetDateTime::now_utc() - Duration::from_secs(7200);
+                p.not_after = OffsetDateTime::now_utc() - Duration::from_secs(3600);
+            },
+            None,
+        )
+        .unwrap_err();
+        assert!(
+            matches!(
+                expired,
+                SignerError::CaPath(crate::trust::ValidationError::Expired)
+            ),
+            "{expired}"
+        );
+        // A root of another name: the intermediate's issuer is not among the roots.
+        let (other_root, _) = generate_root("other").unwrap();
+        let foreign = load_with_chain(|_| {}, Some(&other_root)).unwrap_err();
+        assert!(
+            matches!(
+                foreign,
+                SignerError::CaPath(crate::trust::ValidationError::UnknownIssuer)
+            ),
+            "{foreign}"
+        );
     }
 }

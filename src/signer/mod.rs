@@ -115,6 +115,21 @@ pub enum SignerError {
     /// The CA material is unusable (wrong format, key does not match, not a CA, expired).
     #[error("invalid CA material: {0}")]
     InvalidCa(String),
+    /// A certificate of the signing CA's path cannot issue certificates: certificate 0 is the
+    /// signing CA, 1.. the `--ca-chain` intermediates in order.
+    #[error(
+        "CA certificate {index} (0 = signing CA, then the CA chain) cannot issue certificates: {source}"
+    )]
+    CaCertificate {
+        /// Position in the issuer path.
+        index: usize,
+        /// What is wrong with it.
+        #[source]
+        source: crate::trust::ValidationError,
+    },
+    /// A certificate signed with the CA does not validate through its path to its roots.
+    #[error("the signing CA's path does not validate against its roots: {0}")]
+    CaPath(#[source] crate::trust::ValidationError),
     /// The public key to certify could not be used.
     #[error("unusable public key: {0}")]
     PublicKey(#[source] rcgen::Error),

@@ -274,7 +274,11 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         let mut chain = vec![end_entity.clone()];
         chain.extend(intermediates.iter().cloned());
         self.bundle
-            .verify_chain(&chain, time::OffsetDateTime::now_utc())
+            .validate(
+                &chain,
+                time::OffsetDateTime::now_utc(),
+                meshid::trust::Usage::ServerAuth,
+            )
             .map_err(|e| rustls::Error::General(format!("server chain: {e}")))?;
         let uris = uri_sans(end_entity.as_ref());
         if uris != [self.expected.clone()] {

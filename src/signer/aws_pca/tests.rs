@@ -65,7 +65,11 @@ fn verify(issued: &IssuedChain, roots: &[String]) {
         chain.extend(parse_certs(pem).unwrap());
     }
     bundle
-        .verify_chain(&chain, OffsetDateTime::now_utc())
+        .validate(
+            &chain,
+            OffsetDateTime::now_utc(),
+            crate::trust::Usage::ServerAndClientAuth,
+        )
         .unwrap();
 }
 
