@@ -2,8 +2,8 @@
 """Checks meshid's container image without a container engine. Run through tests/image/check.sh.
 
 1. Runs the block of docs/image.md marked `<!-- doc-test: run by tests/image/check.sh -->` as
-   printed, from the repository root: it builds the full and the agent image with
-   tests/image/build.sh (crane, no daemon).
+   printed, from the repository root: it builds the full image (and the agent image, when the
+   block has a `build.sh --agent` line) with tests/image/build.sh (crane, no daemon).
 2. For each image: reads the image config from the tarball (user 65532:65532, entrypoint
    /usr/local/bin/meshid, the agent image's cmd `agent`, linux/amd64), unpacks its root
    filesystem with `crane export`, and runs the entrypoint from it as a container runtime would:
@@ -227,8 +227,7 @@ def main() -> int:
         return report(results)
 
     images = re.findall(r"tests/image/build\.sh (--agent )?(\S+\.tar)", block)
-    expect(len(images) == 2 and {bool(a) for a, _ in images} == {False, True},
-           f"docs/image.md should build the full and the agent image: {images}")
+    expect([a for a, _ in images].count("") == 1, f"docs/image.md should build the full image once: {images}")
     with tempfile.TemporaryDirectory(prefix="meshid-image-") as tmp:
         for agent_flag, path in images:
             agent = bool(agent_flag)
