@@ -25,7 +25,9 @@ fi
 [[ $# -eq 1 ]] || { echo "usage: $0 [--agent] OUT.tar" >&2; exit 2; }
 out="$(realpath -m "$1")"
 version="$(sed -n 's/^version = "\(.*\)"$/\1/p' "$repo/Cargo.toml" | head -n1)"
-tag="${MESHID_IMAGE_TAG:-ghcr.io/meshid/meshid:$version$([[ $agent == 1 ]] && echo -agent)}"
+suffix=""
+[[ $agent == 0 ]] || suffix=-agent
+tag="${MESHID_IMAGE_TAG:-ghcr.io/meshid/meshid:$version$suffix}"
 mkdir -p "$(dirname "$out")"
 
 crane_dir="${XDG_CACHE_HOME:-$HOME/.cache}/meshid/tools/crane-$CRANE_VERSION"
@@ -84,6 +86,6 @@ ref="127.0.0.1:$port/meshid:build"
 
 "$crane" append --oci-empty-base --platform linux/amd64 -f "$work/layer.tar" -t "$ref" >/dev/null
 mutate=(--user 65532:65532 --entrypoint /usr/local/bin/meshid)
-[[ $agent == 1 ]] && mutate+=(--cmd agent)
+[[ $agent == 0 ]] || mutate+=(--cmd agent)
 "$crane" mutate "$ref" "${mutate[@]}" --set-platform linux/amd64 -t "$tag" -o "$out" >/dev/null
 echo "== image $tag written to $out" >&2

@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -106,7 +107,8 @@ def run_in(root: Path, config: dict[str, Any], args: list[str], timeout: float =
     c = config["config"]
     env = dict(e.split("=", 1) for e in c.get("Env") or [])
     env.setdefault("PATH", "/usr/local/bin:/usr/bin:/bin")
-    cmd = ["chroot", f"--userspec={c['User']}", str(root), *c["Entrypoint"], *args]
+    chroot = shutil.which("chroot") or "/usr/sbin/chroot"
+    cmd = [chroot, f"--userspec={c['User']}", str(root), *c["Entrypoint"], *args]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout,
                           stdin=subprocess.DEVNULL)
 
