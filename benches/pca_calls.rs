@@ -258,7 +258,7 @@ fn per_thousand(count: u64, rotations: usize) -> f64 {
 async fn main() {
     let Some(o) = opts() else { return };
     meshid::app::install_crypto_provider();
-    let Some(moto) = moto::Moto::start(moto::Flavour::WithSubordinateTemplate) else {
+    let Some(moto) = moto::Moto::start(moto::Flavour::Documented) else {
         println!("pca_calls bench: skipped (moto is not installed)");
         return;
     };

@@ -6,25 +6,24 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_rustls::TlsAcceptor;
-use tokio_rustls::server::TlsStream;
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::authn::NodeAuthorizer;
 use crate::authn::{
-    Authenticator, KubeTokenReviewer, StaticTokenAuthenticator, TokenCache,
-    TokenReviewAuthenticator,
+    ApiLimiter, Authenticator, CacheTtls, KubeTokenReviewer, NodeAuthorizer,
+    StaticTokenAuthenticator, TokenCache, TokenReviewAuthenticator, TokenReviewOptions,
 };
 use crate::config::{AuthnConfig, ServerConfig, ServingTls, SignerConfig};
-use crate::controller::{Controllers, spawn_elector};
+use crate::controller::{Controllers, SigningRoots, spawn_elector};
 use crate::identity::LeafProfile;
 use crate::proto::IstioCertificateServiceServer;
 use crate::server::{
-    CaService, CoalescingIo, Durations, GrpcServices, Readiness, ServingCertResolver, http_router,
-    serving_config,
+    CaService, ConnectionGuard, Durations, GrpcServices, GuardedListener, HTTP_MAX_CONNECTIONS,
+    Readiness, Refusals, RequestLimits, ServingCertResolver, accept_tls, drain_deadline,
+    http_router, serving_config,
 };
 use crate::signer::{LocalSigner, SignRequest, Signer};
 use crate::telemetry::{CertLabels, ServerMetrics};
@@ -34,8 +33,8 @@ use crate::trust::{self, TrustBundle};
 const SERVING_TTL: Duration = Duration::from_secs(24 * 3600);
 /// Retry interval when renewing the serving certificate fails.
 const SERVING_RETRY: Duration = Duration::from_secs(30);
-/// A TLS handshake that takes longer than this is dropped.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long after the drain deadline the server stops waiting for connections to close.
+const DRAIN_GRACE: Duration = Duration::from_millis(500);
 /// How long a negative authentication result is cached.
 const NEGATIVE_CACHE_TTL: Duration = Duration::from_secs(2);
 /// How long one TokenReview may take.
@@ -75,6 +74,9 @@ pub enum AppError {
         #[source]
         source: std::io::Error,
     },
+    /// This replica's signing roots could not be recorded in the registry at startup.
+    #[error("signing-roots registry: {0}")]
+    SigningRoots(#[from] crate::controller::SigningRootsError),
     /// A server task failed.
     #[error("server: {0}")]
     Serve(String),
@@ -106,11 +108,12 @@ pub fn install_crypto_provider() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
 }
 
-/// The authenticator, and the Kubernetes client when meshid talks to a cluster.
+/// The authenticator, and the Kubernetes client (with the limiter bounding the calls made for
+/// callers) when meshid talks to a cluster.
 async fn build_authenticator(
     cfg: &ServerConfig,
     metrics: &ServerMetrics,
-) -> Result<(Arc<dyn Authenticator>, Option<kube::Client>), AppError> {
+) -> Result<(Arc<dyn Authenticator>, Option<(kube::Client, ApiLimiter)>), AppError> {
     match &cfg.authn {
         AuthnConfig::StaticTokens(path) => {
             tracing::warn!("using static token authentication: development only");
@@ -121,6 +124,9 @@ async fn build_authenticator(
         AuthnConfig::TokenReview {
             kubeconfig,
             cache_ttl,
+            pod_cache_ttl,
+            issuers,
+            limits,
         } => {
             let kcfg = match kubeconfig {
                 Some(path) => {
@@ -139,15 +145,34 @@ async fn build_authenticator(
             };
             let client =
                 kube::Client::try_from(kcfg).map_err(|e| AppError::Authn(e.to_string()))?;
+            let refused = prometheus_client::metrics::counter::Counter::<u64>::default();
+            metrics.register_with(|r| {
+                r.register(
+                    "apiserver_calls_refused",
+                    "Authentication and authorization calls to the apiserver refused because \
+                     --apiserver-concurrency calls were running and --apiserver-queue waiting",
+                    refused.clone(),
+                );
+            });
+            let limiter = ApiLimiter::new(*limits, refused);
             let reviewer = Arc::new(KubeTokenReviewer::new(client.clone(), TOKENREVIEW_TIMEOUT));
+            let ttls = CacheTtls {
+                positive: *cache_ttl,
+                pod_bound: *pod_cache_ttl,
+                negative: NEGATIVE_CACHE_TTL,
+            };
             let authn = Arc::new(TokenReviewAuthenticator::new(
                 reviewer,
-                cfg.audiences.clone(),
-                cfg.trust_domain.clone(),
-                TokenCache::new(*cache_ttl, NEGATIVE_CACHE_TTL),
+                TokenReviewOptions {
+                    audiences: cfg.audiences.clone(),
+                    issuers: issuers.clone(),
+                    trust_domain: cfg.trust_domain.clone(),
+                    cache: TokenCache::new(ttls, TokenCache::DEFAULT_CAPACITY),
+                    limiter: limiter.clone(),
+                },
                 metrics.clone(),
             ));
-            Ok((authn, Some(client)))
+            Ok((authn, Some((client, limiter))))
         }
     }
 }
@@ -231,42 +256,6 @@ async fn export_root_expiry(
     }
 }
 
-/// Accepts TCP connections and completes TLS handshakes concurrently, feeding finished streams
-/// to the gRPC server. Stops at shutdown.
-async fn accept_tls(
-    listener: TcpListener,
-    acceptor: TlsAcceptor,
-    tx: mpsc::Sender<Result<CoalescingIo<TlsStream<TcpStream>>, std::io::Error>>,
-    mut shutdown: watch::Receiver<bool>,
-) {
-    loop {
-        let accepted = tokio::select! {
-            _ = shutdown.wait_for(|s| *s) => return,
-            accepted = listener.accept() => accepted,
-        };
-        match accepted {
-            Ok((stream, peer)) => {
-                let _ = stream.set_nodelay(true);
-                let acceptor = acceptor.clone();
-                let tx = tx.clone();
-                tokio::spawn(async move {
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(stream)).await {
-                        Ok(Ok(tls)) => {
-                            let _ = tx.send(Ok(CoalescingIo::new(tls))).await;
-                        }
-                        Ok(Err(e)) => tracing::debug!(%peer, error = %e, "TLS handshake failed"),
-                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                    }
-                });
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "accept failed");
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-        }
-    }
-}
-
 async fn bind(addr: SocketAddr) -> Result<TcpListener, AppError> {
     TcpListener::bind(addr)
         .await
@@ -276,13 +265,20 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, AppError> {
 /// Starts the server described by `cfg`; it drains and stops when `shutdown` completes.
 ///
 /// Everything that can fail at startup (CA files, trust bundle, kubeconfig, serving certificate,
-/// listeners) fails here, before the handle is returned.
+/// listeners) fails here, before the handle is returned. The listeners are bound before the
+/// signer starts, so a server that cannot listen makes no call to an upstream CA.
 pub async fn start_server(
     cfg: ServerConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<ServerHandle, AppError> {
     install_crypto_provider();
+    // Listeners and authentication first: a taken port or a bad kubeconfig (a crash loop) must
+    // fail before the signer starts, since a PCA signer is billed for what it issues then.
+    let grpc_listener = bind(cfg.listen).await?;
+    let http_listener = bind(cfg.http_listen).await?;
     let metrics = ServerMetrics::new();
+    let (authn, kube) = build_authenticator(&cfg, &metrics).await?;
+    let kube_client = kube.as_ref().map(|(client, _)| client.clone());
     let mut pca_renewal = None;
     let signer: Arc<dyn Signer> = match &cfg.signer {
         SignerConfig::Files(files) => Arc::new(LocalSigner::from_files(files)?),
@@ -310,13 +306,40 @@ pub async fn start_server(
         }
         None => None,
     };
-    let bundle = trust::combine(&anchors, extra_roots.as_deref())?;
+    let local_bundle = trust::combine(&anchors, extra_roots.as_deref())?;
+    // With the controllers, every replica records the roots it signs with before it serves,
+    // and publishes the union of every replica's roots (see controller::SigningRoots).
+    let registry_errors = prometheus_client::metrics::counter::Counter::<u64>::default();
+    let registry = match (&cfg.controllers, &kube_client) {
+        (Some(c), Some(client)) => {
+            let reg = SigningRoots::new(
+                client.clone(),
+                c.signing_roots.clone(),
+                anchors.concat(),
+                registry_errors.clone(),
+            );
+            let in_use = reg.beat(k8s_openapi::jiff::Timestamp::now()).await?;
+            Some((reg, in_use))
+        }
+        _ => None,
+    };
+    let bundle = match &registry {
+        Some((_, in_use)) => crate::controller::compose(&local_bundle, &in_use.roots).0,
+        None => local_bundle.clone(),
+    };
     if let Some(at) = bundle.earliest_expiry() {
         set_expiry(&metrics, "root", at);
     }
     let root_pem = bundle.pem().to_owned();
+    let (local_tx, local_rx) = trust::channel(local_bundle);
     let (trust_tx, trust_rx) = trust::channel(bundle);
-    let (authn, kube_client) = build_authenticator(&cfg, &metrics).await?;
+    // The extra-roots reload feeds the registry's union when there is one, else the bundle.
+    let extra_roots_tx = if registry.is_some() {
+        local_tx
+    } else {
+        trust_tx.clone()
+    };
+    let lease_observer = crate::controller::LeaseObserver::default();
     let node_authz_calls = prometheus_client::metrics::counter::Counter::<u64>::default();
     let configmap_writes = prometheus_client::metrics::family::Family::<
         crate::telemetry::ResultLabels,
@@ -333,12 +356,28 @@ pub async fn start_server(
             "istio-ca-root-cert ConfigMap creates and updates",
             configmap_writes.clone(),
         );
+        r.register(
+            "signing_roots_heartbeat_errors",
+            "Failed heartbeats to the signing-roots registry",
+            registry_errors.clone(),
+        );
+        r.register(
+            "leader",
+            "1 for this replica's view of the controllers' Lease (leader, follower or unknown)",
+            lease_observer.states.clone(),
+        );
+        r.register(
+            "lease_renew_errors",
+            "Failed or timed-out reads and writes of the controllers' Lease",
+            lease_observer.renew_errors.clone(),
+        );
     });
     let impersonation: Option<Arc<dyn crate::server::ImpersonationAuthorizer>> =
-        kube_client.as_ref().map(|c| {
+        kube.map(|(client, limiter)| {
             Arc::new(NodeAuthorizer::new(
-                c.clone(),
+                client,
                 cfg.trusted_node_accounts.clone(),
+                limiter,
                 node_authz_calls.clone(),
             )) as Arc<dyn crate::server::ImpersonationAuthorizer>
         });
@@ -376,8 +415,6 @@ pub async fn start_server(
     };
     let tls = serving_config(resolver).map_err(|e| AppError::Tls(e.to_string()))?;
 
-    let grpc_listener = bind(cfg.listen).await?;
-    let http_listener = bind(cfg.http_listen).await?;
     let grpc_addr = grpc_listener
         .local_addr()
         .map_err(|source| AppError::Bind {
@@ -425,6 +462,14 @@ pub async fn start_server(
         .await;
 
     let readiness = Readiness::default();
+    if let Some((lease, _)) = &controllers {
+        let observer = lease_observer.clone();
+        let name = lease.name.clone();
+        readiness.set_detail(Arc::new(move || match observer.current() {
+            Some((state, detail)) => format!("lease {name}: {} ({detail})", state.as_str()),
+            None => format!("lease {name}: not observed yet"),
+        }));
+    }
     let metrics_fn: Arc<dyn Fn() -> String + Send + Sync> = {
         let m = metrics.clone();
         Arc::new(move || m.encode())
@@ -441,6 +486,21 @@ pub async fn start_server(
 
     let (conn_tx, conn_rx) = mpsc::channel(256);
     let acceptor = TlsAcceptor::from(tls);
+    let limits = cfg.limits.clone();
+    let refusals = Refusals::register(&metrics);
+    let hard_stop = drain_deadline(shutdown_rx.clone(), limits.drain_deadline);
+    let grpc_guard = ConnectionGuard::new(
+        limits.max_connections,
+        limits.idle_timeout,
+        hard_stop.clone(),
+        refusals.clone(),
+    );
+    let http_guard = ConnectionGuard::new(
+        HTTP_MAX_CONNECTIONS,
+        limits.idle_timeout,
+        hard_stop,
+        refusals.for_listener("http"),
+    );
     let task = tokio::spawn(async move {
         let mut background = tokio::task::JoinSet::new();
         background.spawn(export_root_expiry(
@@ -452,13 +512,21 @@ pub async fn start_server(
             background.spawn(trust::reload_extra_roots(
                 anchors,
                 path,
-                trust_tx.clone(),
+                extra_roots_tx,
                 trust::RELOAD_INTERVAL,
                 shutdown_rx.clone(),
             ));
         }
+        if let Some((reg, in_use)) = registry {
+            background.spawn(reg.run(in_use, local_rx, trust_tx.clone(), shutdown_rx.clone()));
+        }
         if let Some((lease, ctrl)) = controllers {
-            let (leading, elector) = spawn_elector(ctrl.client.clone(), lease, shutdown_rx.clone());
+            let (leading, elector) = spawn_elector(
+                ctrl.client.clone(),
+                lease,
+                lease_observer,
+                shutdown_rx.clone(),
+            );
             background.spawn(ctrl.run_while_leading(leading, shutdown_rx.clone()));
             background.spawn(async move {
                 let _ = elector.await;
@@ -467,6 +535,8 @@ pub async fn start_server(
         let accept = tokio::spawn(accept_tls(
             grpc_listener,
             acceptor,
+            grpc_guard,
+            limits.handshake_timeout,
             conn_tx,
             shutdown_rx.clone(),
         ));
@@ -477,14 +547,22 @@ pub async fn start_server(
             tokio::spawn(r.run(shutdown_rx.clone()));
         }
         let mut grpc_stop = shutdown_rx.clone();
-        let grpc = tonic::transport::Server::builder().serve_with_incoming_shutdown(
-            GrpcServices::new(IstioCertificateServiceServer::new(ca), health_service),
-            ReceiverStream::new(conn_rx),
-            async move {
-                let _ = grpc_stop.wait_for(|s| *s).await;
-            },
-        );
+        let ca = IstioCertificateServiceServer::new(ca)
+            .max_decoding_message_size(limits.max_message_size);
+        let grpc = tonic::transport::Server::builder()
+            .max_concurrent_streams(limits.max_concurrent_streams)
+            .http2_max_header_list_size(limits.max_header_list_size)
+            .http2_keepalive_interval(Some(limits.keepalive_interval))
+            .http2_keepalive_timeout(Some(limits.keepalive_timeout))
+            .serve_with_incoming_shutdown(
+                RequestLimits::new(GrpcServices::new(ca, health_service), &limits, refusals),
+                ReceiverStream::new(conn_rx),
+                async move {
+                    let _ = grpc_stop.wait_for(|s| *s).await;
+                },
+            );
         let mut http_stop = shutdown_rx.clone();
+        let http_listener = GuardedListener::new(http_listener, http_guard);
         let http = axum::serve(http_listener, router).with_graceful_shutdown(async move {
             let _ = http_stop.wait_for(|s| *s).await;
         });
@@ -495,7 +573,19 @@ pub async fn start_server(
             let _ = not_ready.wait_for(|s| *s).await;
             readiness.set(false);
         });
-        let (grpc_res, http_res) = tokio::join!(grpc, http.into_future());
+        // At the drain deadline every connection is closed (`ConnectionGuard`); should a server
+        // still not have returned a moment later, stop waiting for it.
+        let served = async { tokio::join!(grpc, http.into_future()) };
+        let (grpc_res, http_res) = tokio::select! {
+            served = served => served,
+            _ = async {
+                let _ = shutdown_rx.clone().wait_for(|s| *s).await;
+                tokio::time::sleep(limits.drain_deadline + DRAIN_GRACE).await;
+            } => {
+                tracing::warn!("servers still busy after the drain deadline; stopping anyway");
+                (Ok(()), Ok(()))
+            }
+        };
         accept.abort();
         while background.join_next().await.is_some() {}
         drop(trust_tx);

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::identity::SpiffeId;
+use crate::server::ServerLimits;
 use crate::signer::LocalSignerFiles;
 use crate::signer::aws_pca::{self, AwsPcaOptions, PcaMode};
 use crate::telemetry::LogFormat;
@@ -161,6 +162,14 @@ pub struct ServerArgs {
     /// This replica's identity in the Lease [default: $POD_NAME or the hostname].
     #[arg(long, env = "MESHID_POD_NAME")]
     pub pod_name: Option<String>,
+    /// How often this replica records the roots it signs with in the signing-roots registry
+    /// (see docs/root-rotation.md) [default: 10s].
+    #[arg(long, env = "MESHID_SIGNING_ROOTS_INTERVAL")]
+    pub signing_roots_interval: Option<String>,
+    /// How long beyond `--max-ttl` a stopped replica's roots stay in the bundle, for clock skew
+    /// and the last requests it served; at least twice `--signing-roots-interval` [default: 5m].
+    #[arg(long, env = "MESHID_SIGNING_ROOTS_GRACE")]
+    pub signing_roots_grace: Option<String>,
     /// Maintain istiod's serving certificate Secret [default: false].
     #[arg(long, env = "MESHID_ISTIOD_CERT", num_args = 0..=1, default_missing_value = "true")]
     pub istiod_cert: Option<bool>,
@@ -177,6 +186,53 @@ pub struct ServerArgs {
     /// workloads on their node via `ImpersonatedIdentity` [default: istio-system/ztunnel].
     #[arg(long, env = "MESHID_TRUSTED_NODE_ACCOUNTS", value_delimiter = ',')]
     pub trusted_node_accounts: Option<Vec<String>>,
+    /// Most open gRPC connections; one beyond it is closed at once [default: 1024].
+    #[arg(long, env = "MESHID_MAX_CONNECTIONS")]
+    pub max_connections: Option<usize>,
+    /// A TLS handshake not finished in this time is dropped [default: 10s].
+    #[arg(long, env = "MESHID_HANDSHAKE_TIMEOUT")]
+    pub handshake_timeout: Option<String>,
+    /// A connection from which nothing is read, or whose writes stay blocked, this long is
+    /// closed [default: 60s].
+    #[arg(long, env = "MESHID_IDLE_TIMEOUT")]
+    pub idle_timeout: Option<String>,
+    /// Interval of HTTP/2 PINGs to gRPC clients [default: 30s].
+    #[arg(long, env = "MESHID_KEEPALIVE_INTERVAL")]
+    pub keepalive_interval: Option<String>,
+    /// A gRPC connection whose PING is not answered in this time is closed [default: 10s].
+    #[arg(long, env = "MESHID_KEEPALIVE_TIMEOUT")]
+    pub keepalive_timeout: Option<String>,
+    /// Concurrent HTTP/2 streams per gRPC connection (advertised) [default: 100].
+    #[arg(long, env = "MESHID_MAX_CONCURRENT_STREAMS")]
+    pub max_concurrent_streams: Option<u32>,
+    /// A request not answered in this time gets DEADLINE_EXCEEDED [default: 30s].
+    #[arg(long, env = "MESHID_REQUEST_TIMEOUT")]
+    pub request_timeout: Option<String>,
+    /// Largest HTTP/2 header list accepted, bytes (advertised) [default: 131072].
+    #[arg(long, env = "MESHID_MAX_HEADER_LIST_SIZE")]
+    pub max_header_list_size: Option<u32>,
+    /// Largest gRPC request message, bytes; larger ones get RESOURCE_EXHAUSTED [default: 65536].
+    #[arg(long, env = "MESHID_MAX_MESSAGE_SIZE")]
+    pub max_message_size: Option<usize>,
+    /// At shutdown, connections still open after this are closed [default: 10s].
+    #[arg(long, env = "MESHID_DRAIN_DEADLINE")]
+    pub drain_deadline: Option<String>,
+    /// Accepted token issuers (`iss`), comma-separated [default: any; the claim must be
+    /// present].
+    #[arg(long, env = "MESHID_TOKEN_ISSUERS", value_delimiter = ',')]
+    pub token_issuers: Option<Vec<String>>,
+    /// Longest time a successful TokenReview of a pod-bound token is cached, so a deleted
+    /// pod's token stops working soon [default: 3s].
+    #[arg(long, env = "MESHID_POD_TOKEN_CACHE_TTL")]
+    pub pod_token_cache_ttl: Option<String>,
+    /// Most concurrent apiserver calls made to authenticate and authorize callers (TokenReviews
+    /// and node-authorization pod reads) [default: 16].
+    #[arg(long, env = "MESHID_APISERVER_CONCURRENCY")]
+    pub apiserver_concurrency: Option<usize>,
+    /// Most such calls waiting for a slot (for at most 5s); beyond it requests fail with
+    /// UNAVAILABLE [default: 1000].
+    #[arg(long, env = "MESHID_APISERVER_QUEUE")]
+    pub apiserver_queue: Option<usize>,
 }
 
 /// How callers are authenticated.
@@ -188,6 +244,12 @@ pub enum AuthnConfig {
         kubeconfig: Option<PathBuf>,
         /// Positive cache TTL.
         cache_ttl: Duration,
+        /// Positive cache TTL of pod-bound tokens.
+        pod_cache_ttl: Duration,
+        /// Accepted issuers; any when empty.
+        issuers: Vec<String>,
+        /// Bound on concurrent apiserver calls for authentication and authorization.
+        limits: crate::authn::ApiLimits,
     },
     /// A static token file (development only).
     StaticTokens(PathBuf),
@@ -263,6 +325,8 @@ pub struct ServerConfig {
     pub controllers: Option<ControllerConfig>,
     /// Trusted node agents (namespace, service account) for impersonation.
     pub trusted_node_accounts: Vec<(String, String)>,
+    /// Connection and request limits of the listeners.
+    pub limits: ServerLimits,
 }
 
 /// Settings of the leader-elected controllers.
@@ -274,6 +338,8 @@ pub struct ControllerConfig {
     pub namespace_selector: Option<String>,
     /// Leader election.
     pub lease: crate::controller::LeaseSettings,
+    /// This replica's entry in the signing-roots registry.
+    pub signing_roots: crate::controller::SigningRootsSettings,
     /// istiod certificate, when enabled.
     pub istiod: Option<crate::controller::IstiodCertSettings>,
 }
@@ -316,6 +382,20 @@ macro_rules! merge {
 }
 
 impl ServerArgs {
+    /// The bound on apiserver calls made for callers.
+    fn api_limits(&self) -> Result<crate::authn::ApiLimits, ConfigError> {
+        let defaults = crate::authn::ApiLimits::default();
+        let concurrency = self.apiserver_concurrency.unwrap_or(defaults.concurrency);
+        if concurrency == 0 {
+            return Err(invalid("--apiserver-concurrency", "must be at least 1"));
+        }
+        Ok(crate::authn::ApiLimits {
+            concurrency,
+            queue: self.apiserver_queue.unwrap_or(defaults.queue),
+            ..defaults
+        })
+    }
+
     /// The AWS Private CA settings: `None` for the local signer (refusing stray `--pca-*`
     /// settings), validated options for `--signer aws-pca` (refusing local CA settings).
     fn aws_pca_options(&self, max_ttl: Duration) -> Result<Option<AwsPcaOptions>, ConfigError> {
@@ -396,12 +476,19 @@ impl ServerArgs {
             );
             PcaMode::default()
         });
-        if mode == PcaMode::Intermediate && intermediate_ttl < max_ttl * 2 {
+        let min_intermediate_ttl = aws_pca::intermediate::min_intermediate_ttl(max_ttl);
+        if mode == PcaMode::Intermediate && intermediate_ttl < min_intermediate_ttl {
+            let every = aws_pca::intermediate::renewal_interval(intermediate_ttl, max_ttl);
             return Err(invalid(
                 "--pca-intermediate-ttl",
                 format!(
-                    "must be at least twice --max-ttl ({}) so that every leaf gets its full lifetime",
-                    humantime::format_duration(max_ttl)
+                    "{} with --max-ttl {} would mint an intermediate every {} (PCA backdates \
+                     notBefore by 1h); it must be at least {}, so that every leaf gets its full \
+                     lifetime and at most one intermediate is minted per hour",
+                    humantime::format_duration(intermediate_ttl),
+                    humantime::format_duration(max_ttl),
+                    humantime::format_duration(every),
+                    humantime::format_duration(min_intermediate_ttl),
                 ),
             ));
         }
@@ -422,6 +509,7 @@ impl ServerArgs {
         authn: &AuthnConfig,
         trust_domain: &str,
         default_ttl: Duration,
+        max_ttl: Duration,
     ) -> Result<Option<ControllerConfig>, ConfigError> {
         let root_configmaps = self.root_configmap.unwrap_or(true);
         let istiod_enabled = self.istiod_cert.unwrap_or(false);
@@ -470,7 +558,34 @@ impl ServerArgs {
             trust_domain: trust_domain.to_owned(),
             ttl: default_ttl,
         });
+        let interval = parse_duration(
+            "--signing-roots-interval",
+            self.signing_roots_interval.as_deref(),
+            Duration::from_secs(10),
+        )?;
+        if interval.is_zero() {
+            return Err(invalid("--signing-roots-interval", "must be positive"));
+        }
+        let grace = parse_duration(
+            "--signing-roots-grace",
+            self.signing_roots_grace.as_deref(),
+            Duration::from_secs(300),
+        )?;
+        if grace < interval * 2 {
+            return Err(invalid(
+                "--signing-roots-grace",
+                "must be at least twice --signing-roots-interval",
+            ));
+        }
+        let signing_roots = crate::controller::SigningRootsSettings::new(
+            namespace.clone(),
+            &lease_name,
+            &identity,
+            interval,
+            max_ttl + grace,
+        );
         Ok(Some(ControllerConfig {
+            signing_roots,
             root_configmaps,
             namespace_selector: self
                 .namespace_selector
@@ -523,11 +638,27 @@ impl ServerArgs {
             leader_election_namespace,
             lease_name,
             pod_name,
+            signing_roots_interval,
+            signing_roots_grace,
             istiod_cert,
             istiod_namespace,
             istiod_revision,
             istiod_secret_name,
             trusted_node_accounts,
+            max_connections,
+            handshake_timeout,
+            idle_timeout,
+            keepalive_interval,
+            keepalive_timeout,
+            max_concurrent_streams,
+            request_timeout,
+            max_header_list_size,
+            max_message_size,
+            drain_deadline,
+            token_issuers,
+            pod_token_cache_ttl,
+            apiserver_concurrency,
+            apiserver_queue,
         );
         merged.validate()
     }
@@ -598,6 +729,19 @@ impl ServerArgs {
             (None, kubeconfig) => AuthnConfig::TokenReview {
                 kubeconfig: kubeconfig.clone(),
                 cache_ttl,
+                pod_cache_ttl: parse_duration(
+                    "--pod-token-cache-ttl",
+                    self.pod_token_cache_ttl.as_deref(),
+                    Duration::from_secs(3),
+                )?,
+                issuers: self
+                    .token_issuers
+                    .iter()
+                    .flatten()
+                    .map(|i| i.trim().to_owned())
+                    .filter(|i| !i.is_empty())
+                    .collect(),
+                limits: self.api_limits()?,
             },
         };
         let signer = match self.aws_pca_options(max_ttl)? {
@@ -649,7 +793,7 @@ impl ServerArgs {
                 ServingTls::SelfIssued { hosts }
             }
         };
-        let controllers = self.controller_config(&authn, &trust_domain, default_ttl)?;
+        let controllers = self.controller_config(&authn, &trust_domain, default_ttl, max_ttl)?;
         Ok(ServerConfig {
             listen,
             http_listen,
@@ -670,6 +814,70 @@ impl ServerArgs {
                     .unwrap_or(&["istio-system/ztunnel".to_owned()]),
             )
             .map_err(|m| invalid("--trusted-node-accounts", m))?,
+            limits: self.limits()?,
+        })
+    }
+
+    /// The listener limits: defaults for what is unset; counts and sizes must be positive.
+    fn limits(&self) -> Result<ServerLimits, ConfigError> {
+        let d = ServerLimits::default();
+        let positive = |setting: &'static str, v: Option<usize>, default: usize| match v {
+            Some(0) => Err(invalid(setting, "must be at least 1")),
+            v => Ok(v.unwrap_or(default)),
+        };
+        let max_concurrent_streams = positive(
+            "--max-concurrent-streams",
+            self.max_concurrent_streams.map(|v| v as usize),
+            d.max_concurrent_streams as usize,
+        )?;
+        let max_header_list_size = positive(
+            "--max-header-list-size",
+            self.max_header_list_size.map(|v| v as usize),
+            d.max_header_list_size as usize,
+        )?;
+        Ok(ServerLimits {
+            max_connections: positive(
+                "--max-connections",
+                self.max_connections,
+                d.max_connections,
+            )?,
+            handshake_timeout: parse_duration(
+                "--handshake-timeout",
+                self.handshake_timeout.as_deref(),
+                d.handshake_timeout,
+            )?,
+            idle_timeout: parse_duration(
+                "--idle-timeout",
+                self.idle_timeout.as_deref(),
+                d.idle_timeout,
+            )?,
+            keepalive_interval: parse_duration(
+                "--keepalive-interval",
+                self.keepalive_interval.as_deref(),
+                d.keepalive_interval,
+            )?,
+            keepalive_timeout: parse_duration(
+                "--keepalive-timeout",
+                self.keepalive_timeout.as_deref(),
+                d.keepalive_timeout,
+            )?,
+            max_concurrent_streams: u32::try_from(max_concurrent_streams).unwrap_or(u32::MAX),
+            request_timeout: parse_duration(
+                "--request-timeout",
+                self.request_timeout.as_deref(),
+                d.request_timeout,
+            )?,
+            max_header_list_size: u32::try_from(max_header_list_size).unwrap_or(u32::MAX),
+            max_message_size: positive(
+                "--max-message-size",
+                self.max_message_size,
+                d.max_message_size,
+            )?,
+            drain_deadline: parse_duration(
+                "--drain-deadline",
+                self.drain_deadline.as_deref(),
+                d.drain_deadline,
+            )?,
         })
     }
 }
@@ -693,6 +901,39 @@ mod tests {
         assert_eq!(c.audiences, vec!["istio-ca"]);
         assert_eq!(c.trust_domain, "cluster.local");
         assert_eq!(c.cluster_id, "Kubernetes");
+        assert_eq!(
+            c.authn,
+            AuthnConfig::TokenReview {
+                kubeconfig: None,
+                cache_ttl: Duration::from_secs(60),
+                pod_cache_ttl: Duration::from_secs(3),
+                issuers: vec![],
+                limits: crate::authn::ApiLimits {
+                    concurrency: 16,
+                    queue: 1000,
+                    queue_timeout: Duration::from_secs(5),
+                },
+            }
+        );
+    }
+
+    #[test]
+    fn stopped_replicas_roots_are_retained_for_max_ttl_plus_grace() {
+        let c = base().validate().unwrap().controllers.unwrap();
+        assert_eq!(c.signing_roots.interval, Duration::from_secs(10));
+        assert_eq!(
+            c.signing_roots.retain,
+            Duration::from_secs(172_800 + 300),
+            "--max-ttl + --signing-roots-grace"
+        );
+        assert_eq!(c.signing_roots.name, "meshid-controllers-signing-roots");
+        let short_grace = ServerArgs {
+            signing_roots_interval: Some("10s".into()),
+            signing_roots_grace: Some("15s".into()),
+            ..base()
+        };
+        let e = short_grace.validate().unwrap_err().to_string();
+        assert!(e.contains("--signing-roots-grace"), "{e}");
     }
 
     #[test]
@@ -741,6 +982,20 @@ mod tests {
                 },
                 "--tls-key",
             ),
+            (
+                ServerArgs {
+                    apiserver_concurrency: Some(0),
+                    ..base()
+                },
+                "--apiserver-concurrency",
+            ),
+            (
+                ServerArgs {
+                    pod_token_cache_ttl: Some("0s".into()),
+                    ..base()
+                },
+                "--pod-token-cache-ttl",
+            ),
         ];
         for (args, setting) in cases {
             let err = args.validate().unwrap_err().to_string();
@@ -762,6 +1017,63 @@ mod tests {
         assert_eq!(c.trust_domain, "from.file");
         assert_eq!(c.cluster_id, "flag-cluster");
         assert_eq!(c.max_ttl, Duration::from_secs(12 * 3600));
+    }
+
+    #[test]
+    fn listener_limits_default_safely_and_are_read_from_the_yaml_file() {
+        assert_eq!(base().validate().unwrap().limits, ServerLimits::default());
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.yaml");
+        std::fs::write(
+            &path,
+            "ca-dir: /tmp/x\nmax-connections: 7\nidle-timeout: 3s\nmax-concurrent-streams: 9\n\
+             max-message-size: 1000\nmax-header-list-size: 2000\ndrain-deadline: 4s\n\
+             request-timeout: 5s\nhandshake-timeout: 6s\nkeepalive-interval: 7s\n\
+             keepalive-timeout: 8s\n",
+        )
+        .unwrap();
+        let l = ServerArgs {
+            config: Some(path),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap()
+        .limits;
+        let s = Duration::from_secs;
+        assert_eq!(
+            l,
+            ServerLimits {
+                max_connections: 7,
+                handshake_timeout: s(6),
+                idle_timeout: s(3),
+                keepalive_interval: s(7),
+                keepalive_timeout: s(8),
+                max_concurrent_streams: 9,
+                request_timeout: s(5),
+                max_header_list_size: 2000,
+                max_message_size: 1000,
+                drain_deadline: s(4),
+            }
+        );
+        for (args, setting) in [
+            (
+                ServerArgs {
+                    max_connections: Some(0),
+                    ..base()
+                },
+                "--max-connections",
+            ),
+            (
+                ServerArgs {
+                    drain_deadline: Some("0s".into()),
+                    ..base()
+                },
+                "--drain-deadline",
+            ),
+        ] {
+            let err = args.validate().unwrap_err();
+            assert!(err.to_string().starts_with(setting), "{err}");
+        }
     }
 
     #[test]
@@ -866,6 +1178,46 @@ mod tests {
             let err = args.validate().unwrap_err().to_string();
             assert!(err.starts_with(setting), "{setting}: {err}");
         }
+    }
+
+    #[test]
+    fn intermediate_ttls_that_would_mint_more_than_one_intermediate_an_hour_are_refused() {
+        // PCA backdates notBefore by 1h: a 1h intermediate is at half-life when it arrives.
+        let err = ServerArgs {
+            max_ttl: Some("30m".into()),
+            default_ttl: Some("30m".into()),
+            pca_intermediate_ttl: Some("1h".into()),
+            ..pca()
+        }
+        .validate()
+        .unwrap_err()
+        .to_string();
+        assert!(err.starts_with("--pca-intermediate-ttl"), "{err}");
+        assert!(err.contains("--max-ttl 30m"), "{err}");
+        assert!(err.contains("every 0s"), "{err}");
+        assert!(err.contains("at least 2h 30m"), "{err}");
+        // docs/aws-pca.md prints this message as is.
+        assert!(
+            include_str!("../docs/aws-pca.md").contains(&format!("\n{err}\n")),
+            "{err}"
+        );
+        let ok = ServerArgs {
+            max_ttl: Some("30m".into()),
+            default_ttl: Some("30m".into()),
+            pca_intermediate_ttl: Some("2h30m".into()),
+            ..pca()
+        };
+        ok.validate().unwrap();
+        // Direct mode mints no intermediates.
+        ServerArgs {
+            max_ttl: Some("30m".into()),
+            default_ttl: Some("30m".into()),
+            pca_intermediate_ttl: Some("1h".into()),
+            pca_mode: Some(PcaMode::Direct),
+            ..pca()
+        }
+        .validate()
+        .unwrap();
     }
 
     #[test]

@@ -12,6 +12,35 @@ pub enum PemError {
     /// A block was present but not valid PEM/base64.
     #[error("invalid PEM: {0}")]
     Invalid(String),
+    /// No PEM block at all.
+    #[error("no PEM block found")]
+    NoBlock,
+    /// More than one PEM block where exactly one is expected.
+    #[error("more than one PEM block")]
+    MultipleBlocks,
+    /// Text other than whitespace before or after the PEM block.
+    #[error("text outside the PEM block")]
+    TextAround,
+}
+
+/// Checks that `pem` is exactly one PEM block (`-----BEGIN …-----` … `-----END …-----`) with
+/// nothing but whitespace before and after it. The block's content is not decoded here.
+pub fn single_block(pem: &str) -> Result<(), PemError> {
+    const BEGIN: &str = "-----BEGIN ";
+    const END: &str = "-----END ";
+    let begins = pem.matches(BEGIN).count();
+    let ends = pem.matches(END).count();
+    match (begins, ends) {
+        (0, _) | (_, 0) => return Err(PemError::NoBlock),
+        (1, 1) => {}
+        _ => return Err(PemError::MultipleBlocks),
+    }
+    let body = pem.trim();
+    let last_line = body.rsplit('\n').next().unwrap_or(body).trim_end();
+    if !(body.starts_with(BEGIN) && last_line.starts_with(END) && last_line.ends_with("-----")) {
+        return Err(PemError::TextAround);
+    }
+    Ok(())
 }
 
 /// Parses every `CERTIFICATE` block in `pem`, in order. Fails when there is none.
@@ -65,6 +94,30 @@ mod tests {
         let joined = join_pems([a, a]);
         assert_eq!(joined.matches("-----END CERTIFICATE-----\n").count(), 2);
         assert!(!joined.contains("----------"));
+    }
+
+    #[test]
+    fn exactly_one_block_with_only_whitespace_around_it_is_a_single_block() {
+        let block = "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----";
+        assert!(single_block(block).is_ok());
+        assert!(single_block(&format!(" \r\n\t{block}\r\n \n")).is_ok());
+        assert!(matches!(
+            single_block(&format!("garbage\n{block}\n")),
+            Err(PemError::TextAround)
+        ));
+        assert!(matches!(
+            single_block(&format!("{block}\ntrailing")),
+            Err(PemError::TextAround)
+        ));
+        assert!(matches!(
+            single_block(&format!("{block}-x")),
+            Err(PemError::TextAround)
+        ));
+        assert!(matches!(
+            single_block(&format!("{block}\n{block}\n")),
+            Err(PemError::MultipleBlocks)
+        ));
+        assert!(matches!(single_block("AAAA"), Err(PemError::NoBlock)));
     }
 
     #[test]

@@ -15,6 +15,7 @@ use common::kube::{Harness, TokenOptions};
 use common::meshid::{
     http_get, metric_value, openssl, openssl_csr, openssl_key, write_token_kubeconfig,
 };
+use common::proxy::TcpProxy;
 use meshid::app::{ServerHandle, start_server};
 use meshid::config::ServerArgs;
 use meshid::proto::{IstioCertificateRequest, IstioCertificateServiceClient};
@@ -51,6 +52,17 @@ impl Fixture {
     /// `apiserver` overrides the URL meshid uses; `may_review` grants its service account
     /// `create tokenreviews`.
     async fn build(h: Harness, apiserver: Option<&str>, may_review: bool) -> Self {
+        Self::build_with(h, apiserver, may_review, |_, _| {}).await
+    }
+
+    /// Like [`Self::build`], with `tweak` adjusting the server's settings (it gets the
+    /// namespace too).
+    async fn build_with(
+        h: Harness,
+        apiserver: Option<&str>,
+        may_review: bool,
+        tweak: impl FnOnce(&mut ServerArgs, &str),
+    ) -> Self {
         let ns = h.create_namespace("ca").await.unwrap();
         h.create_service_account(&ns, "meshid").await.unwrap();
         h.create_service_account(&ns, "web").await.unwrap();
@@ -74,6 +86,8 @@ impl Fixture {
             serving_hosts: Some(vec!["meshid.meshid-system.svc".into(), "localhost".into()]),
             ..Default::default()
         };
+        let mut args = args;
+        tweak(&mut args, &ns);
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
         let server = start_server(args.validate().unwrap(), async move {
             let _ = rx.await;
@@ -125,10 +139,6 @@ impl Fixture {
             .unwrap()
     }
 
-    async fn client(&self) -> IstioCertificateServiceClient<Channel> {
-        IstioCertificateServiceClient::new(self.channel().await)
-    }
-
     /// Calls CreateCertificate with optional bearer token and clusterid headers.
     async fn call(
         &self,
@@ -136,10 +146,32 @@ impl Fixture {
         token: Option<&str>,
         cluster: Option<&str>,
     ) -> Result<Vec<String>, tonic::Status> {
+        self.call_on(&self.channel().await, csr, token, cluster, None)
+            .await
+    }
+
+    /// Calls CreateCertificate on `channel`, optionally with `ImpersonatedIdentity`.
+    async fn call_on(
+        &self,
+        channel: &Channel,
+        csr: &str,
+        token: Option<&str>,
+        cluster: Option<&str>,
+        impersonate: Option<&str>,
+    ) -> Result<Vec<String>, tonic::Status> {
+        let metadata = impersonate.map(|target| prost_types::Struct {
+            fields: [(
+                "ImpersonatedIdentity".to_owned(),
+                prost_types::Value {
+                    kind: Some(prost_types::value::Kind::StringValue(target.to_owned())),
+                },
+            )]
+            .into(),
+        });
         let mut req = tonic::Request::new(IstioCertificateRequest {
             csr: csr.to_owned(),
             validity_duration: 3600,
-            metadata: None,
+            metadata,
         });
         if let Some(t) = token {
             req.metadata_mut()
@@ -148,8 +180,7 @@ impl Fixture {
         if let Some(c) = cluster {
             req.metadata_mut().insert("clusterid", c.parse().unwrap());
         }
-        self.client()
-            .await
+        IstioCertificateServiceClient::new(channel.clone())
             .create_certificate(req)
             .await
             .map(|r| r.into_inner().cert_chain)
@@ -160,6 +191,24 @@ impl Fixture {
         tokio::task::spawn_blocking(move || http_get(addr, "/metrics"))
             .await
             .unwrap()
+    }
+
+    /// TokenReviews meshid made, whatever their result (`meshid_tokenreviews_total`).
+    async fn tokenreviews(&self) -> u64 {
+        let m = self.metrics().await;
+        ["authenticated", "unauthenticated", "error"]
+            .iter()
+            .map(|r| metric_value(&m, &format!("meshid_tokenreviews_total{{result=\"{r}\"}}")))
+            .sum()
+    }
+
+    async fn rejected(&self, reason: &str) -> u64 {
+        metric_value(
+            &self.metrics().await,
+            &format!(
+                "meshid_certificate_requests_total{{outcome=\"rejected\",reason=\"{reason}\"}}"
+            ),
+        )
     }
 
     async fn issued_count(&self) -> u64 {
@@ -202,7 +251,8 @@ fn verify_with_openssl(dir: &Path, chain: &[String]) -> String {
     .unwrap()
 }
 
-fn assert_exact_extensions(text: &str, identity: &str) {
+/// The leaf's extensions are exactly ours; keyEncipherment only for an RSA key (RFC 5480, 8410).
+fn assert_exact_extensions(text: &str, identity: &str, rsa: bool) {
     let ext_lines: Vec<&str> = text
         .lines()
         .map(str::trim)
@@ -221,10 +271,8 @@ fn assert_exact_extensions(text: &str, identity: &str) {
         "{text}"
     );
     assert!(text.contains(&format!("URI:{identity}\n")), "{text}");
-    assert!(
-        text.contains("Digital Signature, Key Encipherment"),
-        "{text}"
-    );
+    assert!(text.contains("Digital Signature"), "{text}");
+    assert_eq!(text.contains("Key Encipherment"), rsa, "{text}");
     assert!(
         text.contains("TLS Web Server Authentication, TLS Web Client Authentication"),
         "{text}"
@@ -265,7 +313,7 @@ async fn a_sidecar_shaped_rsa_csr_with_a_critical_san_gets_a_certificate_openssl
         .await
         .expect("issued");
     let text = verify_with_openssl(dir, &chain);
-    assert_exact_extensions(&text, &f.identity("web"));
+    assert_exact_extensions(&text, &f.identity("web"), true);
     assert_eq!(
         pubkey_of(&chain[0], true, dir),
         pubkey_of(key.to_str().unwrap(), false, dir)
@@ -292,7 +340,7 @@ async fn a_ztunnel_shaped_p256_csr_without_subject_and_a_non_critical_san_gets_a
     let chain = f.call(&csr, Some(&token), None).await.expect("issued");
     let text = verify_with_openssl(dir, &chain);
     // Our leaf marks the SAN critical (empty subject) whatever the CSR said.
-    assert_exact_extensions(&text, &f.identity("web"));
+    assert_exact_extensions(&text, &f.identity("web"), false);
     assert!(text.contains("ASN1 OID: prime256v1"), "{text}");
     // The same token again is served from the TokenReview cache.
     f.call(&csr, Some(&token), None)
@@ -606,5 +654,251 @@ async fn the_grpc_endpoint_answers_health_checks_and_unknown_methods_with_unimpl
         assert_eq!(status.code(), Code::Unimplemented, "{path}: {status:?}");
     }
     assert_eq!(f.issued_count().await, 0);
+    f.stop().await;
+}
+
+/// The harness apiserver's address, for a proxy in front of it.
+fn apiserver_addr(h: &Harness) -> std::net::SocketAddr {
+    let url = &h.config().cluster_url;
+    format!("{}:{}", url.host().unwrap(), url.port_u16().unwrap())
+        .parse()
+        .unwrap()
+}
+
+/// `meshid_tokenreviews_total` (summed over results) counts the TokenReviews meshid sends; the
+/// apiserver itself exports no per-client count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn five_hundred_concurrent_requests_with_one_new_token_make_exactly_one_tokenreview() {
+    let h = harness!();
+    let proxy = TcpProxy::start(apiserver_addr(&h)).await;
+    let f = Fixture::build(h, Some(&proxy.url()), true).await;
+    let csr = f.ec_csr("web");
+    let token = f.token("web").await;
+    let channels = futures::future::join_all((0..4).map(|_| f.channel())).await;
+    let calls = (0..500).map(|i| f.call_on(&channels[i % 4], &csr, Some(&token), None, None));
+    let results = futures::future::join_all(calls).await;
+    let failed: Vec<_> = results.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert!(
+        failed.is_empty(),
+        "{} failed, e.g. {:?}",
+        failed.len(),
+        failed[0]
+    );
+    assert_eq!(f.issued_count().await, 500);
+    assert_eq!(f.tokenreviews().await, 1);
+    // One review in flight at a time needs one apiserver connection.
+    assert_eq!(proxy.peak_open(), 1, "apiserver connections");
+    f.stop().await;
+}
+
+#[tokio::test]
+async fn junk_tokens_are_refused_without_a_tokenreview_and_a_good_one_still_gets_a_certificate() {
+    let f = Fixture::new(harness!()).await;
+    let csr = f.ec_csr("web");
+    let good = f.token("web").await;
+    let expired = f
+        .harness
+        .resign_token(&good, |claims| {
+            claims.insert("exp".into(), (common::kube::unix_now() - 3600).into());
+        })
+        .unwrap();
+    let other_audience = f
+        .harness
+        .request_token(&f.ns, "web", &TokenOptions::default())
+        .await
+        .unwrap();
+    let alg_none = {
+        let (_, rest) = good.split_once('.').unwrap();
+        let (payload, _) = rest.split_once('.').unwrap();
+        use base64::Engine as _;
+        let none = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(r#"{"alg":"none"}"#);
+        format!("{none}.{payload}.c2ln")
+    };
+    let junk = [
+        "junk".to_owned(),
+        "a.b.c".to_owned(),
+        format!("{good}x.y"),
+        alg_none,
+        expired,
+        other_audience,
+        // One byte over the pre-check's size limit.
+        format!(
+            "{good}.{}",
+            "A".repeat(meshid::authn::MAX_TOKEN_BYTES - good.len())
+        ),
+    ];
+    for token in &junk {
+        let status = f
+            .call(&csr, Some(token), None)
+            .await
+            .expect_err("junk token");
+        assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+    }
+    assert_eq!(
+        f.tokenreviews().await,
+        0,
+        "no junk token reached the apiserver"
+    );
+    f.call(&csr, Some(&good), None).await.expect("good token");
+    assert_eq!(f.tokenreviews().await, 1);
+    f.stop().await;
+}
+
+#[tokio::test]
+async fn a_pod_bound_token_is_refused_within_15_seconds_of_its_pods_deletion() {
+    let f = Fixture::new(harness!()).await;
+    let pod = f
+        .harness
+        .create_pod(&f.ns, "web-0", "web", "node-a")
+        .await
+        .unwrap();
+    let token = f
+        .harness
+        .request_token(
+            &f.ns,
+            "web",
+            &TokenOptions::for_audiences(["istio-ca"]).bound_to(&pod),
+        )
+        .await
+        .unwrap();
+    let csr = f.ec_csr("web");
+    // Accepted, and cached, while the pod exists.
+    f.call(&csr, Some(&token), None).await.expect("pod exists");
+    f.call(&csr, Some(&token), None).await.expect("pod exists");
+    let deleted = std::time::Instant::now();
+    f.harness.delete_pod(&f.ns, "web-0").await.unwrap();
+    let refused_after = loop {
+        match f.call(&csr, Some(&token), None).await {
+            Ok(_) => {}
+            Err(status) => {
+                assert_eq!(status.code(), Code::Unauthenticated, "{status:?}");
+                break deleted.elapsed();
+            }
+        }
+        assert!(
+            deleted.elapsed() < Duration::from_secs(15),
+            "still issuing 15 s after the pod was deleted"
+        );
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    };
+    eprintln!("refused {refused_after:?} after the pod's deletion");
+    f.stop().await;
+}
+
+#[tokio::test]
+async fn an_apiserver_outage_during_node_authorization_is_unavailable_and_service_resumes_after_it()
+{
+    let h = harness!();
+    let proxy = TcpProxy::start(apiserver_addr(&h)).await;
+    let f = Fixture::build_with(h, Some(&proxy.url()), true, |args, ns| {
+        args.trusted_node_accounts = Some(vec![format!("{ns}/ztunnel")]);
+        // The ztunnel's token stays cached through the outage: only node authorization
+        // needs the apiserver then.
+        args.pod_token_cache_ttl = Some("120s".into());
+    })
+    .await;
+    let (h, ns) = (&f.harness, &f.ns);
+    h.grant_cluster_role(
+        "meshid-test:pod-reader",
+        vec![common::kube::rule("", "pods", &["get", "list"])],
+        ns,
+        "meshid",
+    )
+    .await
+    .unwrap();
+    for sa in ["ztunnel", "db"] {
+        h.create_service_account(ns, sa).await.unwrap();
+    }
+    let zt_pod = h
+        .create_pod(ns, "ztunnel-a", "ztunnel", "node-a")
+        .await
+        .unwrap();
+    h.create_pod(ns, "web-1", "web", "node-a").await.unwrap();
+    h.create_pod(ns, "db-1", "db", "node-a").await.unwrap();
+    let zt_token = h
+        .request_token(
+            ns,
+            "ztunnel",
+            &TokenOptions::for_audiences(["istio-ca"]).bound_to(&zt_pod),
+        )
+        .await
+        .unwrap();
+    let channel = f.channel().await;
+    let (web, db) = (f.identity("web"), f.identity("db"));
+    // RBAC reaches the apiserver's authorizer through a watch: retry until it has.
+    let web_csr = f.ec_csr("web");
+    common::kube::eventually(Duration::from_secs(10), || async {
+        f.call_on(&channel, &web_csr, Some(&zt_token), None, Some(&web))
+            .await
+            .map_err(|s| anyhow::anyhow!("{s:?}"))
+    })
+    .await
+    .expect("web runs on ztunnel's node");
+
+    let unavailable_before = f.rejected("impersonation_unavailable").await;
+    proxy.cut();
+    // db's placement is not cached yet, so authorizing it needs the apiserver.
+    let status = f
+        .call_on(&channel, &f.ec_csr("db"), Some(&zt_token), None, Some(&db))
+        .await
+        .expect_err("apiserver down");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert_eq!(
+        f.rejected("impersonation_unavailable").await,
+        unavailable_before + 1
+    );
+    assert_eq!(f.rejected("impersonation_denied").await, 0);
+
+    proxy.restore();
+    f.call_on(&channel, &f.ec_csr("db"), Some(&zt_token), None, Some(&db))
+        .await
+        .expect("served again once the apiserver is back");
+    f.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_new_tokens_beyond_the_apiserver_bound_gets_unavailable_while_a_cached_caller_is_served()
+ {
+    let f = Fixture::build_with(harness!(), None, true, |args, _| {
+        args.apiserver_concurrency = Some(1);
+        args.apiserver_queue = Some(1);
+    })
+    .await;
+    let csr = f.ec_csr("web");
+    let regular = f.token("web").await;
+    f.call(&csr, Some(&regular), None)
+        .await
+        .expect("the regular caller, now cached");
+    let mut flood = Vec::new();
+    for _ in 0..100 {
+        flood.push(f.token("web").await);
+    }
+    let channel = f.channel().await;
+    let flood_calls = futures::future::join_all(
+        flood
+            .iter()
+            .map(|t| f.call_on(&channel, &csr, Some(t), None, None)),
+    );
+    let regular_call = f.call_on(&channel, &csr, Some(&regular), None, None);
+    let (flooded, regular_result) = tokio::join!(flood_calls, regular_call);
+    regular_result.expect("a cached caller needs no apiserver call and is served");
+    let refused: Vec<_> = flooded.iter().filter_map(|r| r.as_ref().err()).collect();
+    assert!(
+        !refused.is_empty(),
+        "100 new tokens at once overflow a bound of 1 + 1"
+    );
+    for status in &refused {
+        assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    }
+    assert_eq!(f.rejected("authn_overloaded").await, refused.len() as u64);
+    assert_eq!(
+        metric_value(&f.metrics().await, "meshid_apiserver_calls_refused_total"),
+        refused.len() as u64
+    );
+    // The bound releases: a new token is reviewed again afterwards.
+    let later = f.token("web").await;
+    f.call(&csr, Some(&later), None)
+        .await
+        .expect("served once the flood is over");
     f.stop().await;
 }

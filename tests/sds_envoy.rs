@@ -428,3 +428,97 @@ async fn the_agent_keeps_its_valid_svid_while_the_ca_is_down_and_recovers_when_i
     assert!(second.not_after > first.not_after);
     ca.stop().await;
 }
+
+/// Polls the agent's `/readyz` until it answers `code`.
+async fn wait_readyz(agent: &Agent, code: u16) -> String {
+    loop {
+        let (got, body) = http_get(agent.handle.http_addr, "/readyz").await;
+        if got == code {
+            return body;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deleted_sds_socket_is_recreated_and_a_restarted_envoy_gets_its_secrets_again() {
+    let Some(bin) = envoy_binary() else { return };
+    let dir = tempfile::tempdir().unwrap();
+    let mut ca = Ca::start(dir.path(), "127.0.0.1:0".parse().unwrap()).await;
+    let agent = start_web_agent(dir.path(), &ca, |_| {}).await;
+    next_svid(&agent, None, Duration::from_secs(20)).await;
+    let client = ca.client_svid().await;
+    let roots = ca.handle().root_pem.clone();
+    let config = client_config(&roots, SERVER_ID, Some(&client)).unwrap();
+    let (mut envoy, addr) = start_envoy(&bin, dir.path(), &agent);
+    first_exchange(&mut envoy, addr, config.clone()).await;
+
+    // Someone deletes the socket file; the agent notices and binds a new one.
+    std::fs::remove_file(&agent.handle.sds_socket).unwrap();
+    loop {
+        let metrics = http_get(agent.handle.http_addr, "/metrics").await.1;
+        if metric(&metrics, "meshid_agent_sds_socket_recreations_total") >= 1.0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    wait_readyz(&agent, 200).await;
+    // An Envoy that restarts now connects to the new socket and gets both secrets.
+    drop(envoy);
+    let (mut envoy, addr) = start_envoy(&bin, dir.path(), &agent);
+    let x = first_exchange(&mut envoy, addr, config).await;
+    assert_eq!(x.server_uris, [SERVER_ID]);
+    agent.shut_down().await;
+    drop(envoy);
+    ca.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_agent_on_a_live_socket_refuses_to_start_and_a_blocked_socket_makes_the_agent_unready()
+ {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ca = Ca::start(dir.path(), "127.0.0.1:0".parse().unwrap()).await;
+    let agent = start_web_agent(dir.path(), &ca, |_| {}).await;
+    next_svid(&agent, None, Duration::from_secs(20)).await;
+    wait_readyz(&agent, 200).await;
+    let socket = agent.handle.sds_socket.clone();
+
+    let second_dir = dir.path().join("second");
+    std::fs::create_dir_all(&second_dir).unwrap();
+    let root = second_dir.join("ca-root.pem");
+    std::fs::write(&root, &ca.handle().root_pem).unwrap();
+    let token = second_dir.join("token");
+    std::fs::write(&token, "web-token\n").unwrap();
+    let mut config = AgentConfig::new(
+        format!("https://{}", ca.addr()),
+        root,
+        token,
+        "default",
+        "web",
+    );
+    config.sds_socket = socket.clone();
+    config.http_listen = "127.0.0.1:0".parse().unwrap();
+    let err = start_agent(config, std::future::pending())
+        .await
+        .expect_err("the path is held by a live agent");
+    assert!(
+        matches!(
+            err,
+            meshid::agent::AgentError::Sds(meshid::sds::SdsError::InUse { .. })
+        ),
+        "{err}"
+    );
+    assert!(socket.exists(), "the live socket is left in place");
+    wait_readyz(&agent, 200).await;
+
+    // A regular file where the socket was: the agent cannot serve, and says so.
+    std::fs::remove_file(&socket).unwrap();
+    std::fs::write(&socket, "in the way").unwrap();
+    let body = wait_readyz(&agent, 503).await;
+    assert!(body.contains("SDS socket"), "{body}");
+    std::fs::remove_file(&socket).unwrap();
+    wait_readyz(&agent, 200).await;
+    agent.shut_down().await;
+    assert!(!socket.exists(), "removed at shutdown");
+    ca.stop().await;
+}

@@ -1,5 +1,5 @@
-//! The agent's HTTP endpoints: `/healthz` (process alive), `/readyz` (a valid SVID is held)
-//! and `/metrics` (Prometheus text format).
+//! The agent's HTTP endpoints: `/healthz` (process alive), `/readyz` (a valid SVID is held and
+//! the SDS socket file is in place) and `/metrics` (Prometheus text format).
 
 use axum::Router;
 use axum::extract::State;
@@ -7,6 +7,7 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 use time::OffsetDateTime;
+use tokio::sync::watch;
 
 use super::metrics::AgentMetrics;
 use super::rotation::SvidReceiver;
@@ -15,15 +16,24 @@ use super::rotation::SvidReceiver;
 struct HttpState {
     svids: SvidReceiver,
     metrics: AgentMetrics,
+    sds_serving: watch::Receiver<bool>,
 }
 
-/// The probes/metrics router.
-pub fn router(svids: SvidReceiver, metrics: AgentMetrics) -> Router {
+/// The probes/metrics router. `sds_serving` is true while the SDS socket file is in place.
+pub fn router(
+    svids: SvidReceiver,
+    metrics: AgentMetrics,
+    sds_serving: watch::Receiver<bool>,
+) -> Router {
     Router::new()
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics_handler))
-        .with_state(HttpState { svids, metrics })
+        .with_state(HttpState {
+            svids,
+            metrics,
+            sds_serving,
+        })
 }
 
 async fn readyz(State(s): State<HttpState>) -> impl IntoResponse {
@@ -33,10 +43,12 @@ async fn readyz(State(s): State<HttpState>) -> impl IntoResponse {
         .borrow()
         .as_ref()
         .is_some_and(|svid| svid.not_before <= now && now < svid.not_after);
-    if valid {
-        (StatusCode::OK, "ready")
-    } else {
+    if !valid {
         (StatusCode::SERVICE_UNAVAILABLE, "no valid SVID")
+    } else if !*s.sds_serving.borrow() {
+        (StatusCode::SERVICE_UNAVAILABLE, "SDS socket missing")
+    } else {
+        (StatusCode::OK, "ready")
     }
 }
 

@@ -70,6 +70,11 @@ impl AgentMetrics {
             "Seconds until the current SVID expires (negative once expired)",
             expires_in.clone(),
         );
+        registry.register(
+            "log_lines_dropped",
+            "Log lines dropped because the log writer fell behind",
+            crate::telemetry::DroppedLogLines,
+        );
         sds.register(registry.sub_registry_with_prefix("sds"));
         Self {
             rotations,

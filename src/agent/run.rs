@@ -113,10 +113,12 @@ impl AgentHandle {
 /// validated response, are trusted for the CA connection and served as `ROOTCA`; see
 /// `agent::trust`). Returns once everything is listening; the first SVID arrives
 /// later (watch [`AgentHandle::svids`] or `/readyz`). Everything stops when `shutdown`
-/// completes; the SDS socket file is removed then.
+/// completes; the SDS socket file is removed then. While running, the agent keeps the socket
+/// file in place (see [`sds::SdsSocket`]); `/readyz` fails while it is missing.
 ///
 /// Errors (all at startup): [`AgentError::Config`], [`AgentError::CaRoot`],
-/// [`AgentError::CaRootInvalid`], [`AgentError::CaClient`], [`AgentError::Sds`],
+/// [`AgentError::CaRootInvalid`], [`AgentError::CaClient`], [`AgentError::Sds`] (including
+/// [`sds::SdsError::InUse`] when another live agent holds the socket path),
 /// [`AgentError::Bind`]. A CA that is unreachable or refuses is not a startup error: the
 /// agent keeps retrying with backoff.
 pub async fn start_agent(
@@ -150,7 +152,10 @@ pub async fn start_agent(
     let (stop_tx, stop_rx) = watch::channel(false);
     let stop = Arc::new(stop_tx);
 
-    let sds_listener = sds::bind_socket(&s.sds_socket)?;
+    // Locks the path first: a second agent on it fails here and leaves the live socket alone.
+    let sds_socket = sds::SdsSocket::bind(&s.sds_socket)?
+        .count_recreations(metrics.sds.socket_recreations.clone());
+    let sds_serving = sds_socket.serving();
     let http_listener =
         TcpListener::bind(s.http_listen)
             .await
@@ -192,22 +197,21 @@ pub async fn start_agent(
         stop_rx.clone(),
     );
     let sds_service = SdsService::new(svids.clone(), metrics.sds.clone(), stop_rx.clone());
-    let app = router(svids.clone(), metrics.clone());
+    let app = router(svids.clone(), metrics.clone(), sds_serving);
     let files = s
         .write_files
         .clone()
         .map(|dir| run_file_sink(dir, svids.clone(), stop_rx.clone()));
-    let sds_socket = s.sds_socket.clone();
+    let sds_path = s.sds_socket.clone();
 
     tracing::info!(
         identity = %s.identity,
         ca = %s.ca_address,
-        sds_socket = %sds_socket.display(),
+        sds_socket = %sds_path.display(),
         %http_addr,
         "meshid agent started"
     );
     let task = tokio::spawn({
-        let sds_socket = sds_socket.clone();
         let stop_rx = stop_rx.clone();
         async move {
             let rotation = tokio::spawn(rotation.run(svid_tx, stop_rx.clone()));
@@ -222,7 +226,7 @@ pub async fn start_agent(
             };
             let sds = async {
                 fail_fast(
-                    sds::serve(sds_listener, sds_socket, sds_service, stop_rx.clone())
+                    sds::serve(sds_socket, sds_service, stop_rx.clone())
                         .await
                         .map_err(AgentError::from),
                 )
@@ -255,7 +259,7 @@ pub async fn start_agent(
         }
     });
     Ok(AgentHandle {
-        sds_socket,
+        sds_socket: sds_path,
         http_addr,
         svids,
         metrics,

@@ -1,21 +1,34 @@
 //! A bounded cache of authentication results keyed by a SHA-256 of the token.
 //!
-//! Positive results live until the earliest of the token's own `exp` and the configured TTL;
-//! negative results live for a few seconds only; "unavailable" results are never cached.
+//! Positive results live until the earliest of the token's own `exp` and the configured TTL,
+//! which is shorter for pod-bound tokens (a deleted pod's token must stop working soon);
+//! negative results live for a few seconds only; "unavailable" results are never cached. When
+//! the cache is full, the least recently used entry makes room ([`lru::LruCache`]). Negative
+//! results are kept apart, in a quarter of the room, so a flood of refused tokens cannot push
+//! out the callers that were accepted.
 
-use std::collections::HashMap;
+use std::num::NonZeroUsize;
 use std::sync::Mutex;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime};
 
-use base64::Engine;
+use lru::LruCache;
 use sha2::{Digest, Sha256};
 
-use super::{AuthnError, Caller};
+use super::{AuthnError, Caller, TokenClaims};
 
-/// How many entries the cache holds before it drops expired ones, then everything.
-const MAX_ENTRIES: usize = 65_536;
+/// The key a token is cached under: its SHA-256. The token itself is never stored.
+pub type TokenKey = [u8; 32];
 
-type Key = [u8; 32];
+/// How long results are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CacheTtls {
+    /// Longest life of a positive result.
+    pub positive: Duration,
+    /// Longest life of a positive result for a token bound to a pod.
+    pub pod_bound: Duration,
+    /// Life of a negative result.
+    pub negative: Duration,
+}
 
 struct Entry {
     result: Result<Caller, AuthnError>,
@@ -24,91 +37,98 @@ struct Entry {
 
 /// Cache of authentication results. The token itself is never stored.
 pub struct TokenCache {
-    positive_ttl: Duration,
-    negative_ttl: Duration,
-    entries: Mutex<HashMap<Key, Entry>>,
+    ttls: CacheTtls,
+    entries: Mutex<Entries>,
+}
+
+struct Entries {
+    positive: LruCache<TokenKey, Entry>,
+    negative: LruCache<TokenKey, Entry>,
 }
 
 impl std::fmt::Debug for TokenCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TokenCache")
-            .field("positive_ttl", &self.positive_ttl)
-            .field("negative_ttl", &self.negative_ttl)
+            .field("ttls", &self.ttls)
             .finish_non_exhaustive()
     }
 }
 
-/// The key a token is cached under.
-pub(crate) fn token_key(token: &str) -> Key {
-    Sha256::digest(token.as_bytes()).into()
-}
-
-/// The `exp` claim of a JWT, read without verifying it (only used to bound caching).
-pub(crate) fn jwt_expiry(token: &str) -> Option<SystemTime> {
-    let payload = token.split('.').nth(1)?;
-    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
-        .decode(payload.trim_end_matches('='))
-        .ok()?;
-    let claims: serde_json::Value = serde_json::from_slice(&bytes).ok()?;
-    let exp = claims.get("exp")?.as_u64()?;
-    Some(UNIX_EPOCH + Duration::from_secs(exp))
-}
-
 impl TokenCache {
-    /// A cache keeping positive results up to `positive_ttl` and negative ones `negative_ttl`.
-    pub fn new(positive_ttl: Duration, negative_ttl: Duration) -> Self {
+    /// Entries held by default (about 10 MiB at most).
+    pub const DEFAULT_CAPACITY: usize = 65_536;
+
+    /// A cache of at most `capacity` positive results (at least one) and a quarter of that
+    /// negative ones, keeping results for `ttls`.
+    pub fn new(ttls: CacheTtls, capacity: usize) -> Self {
+        let room = |n: usize| NonZeroUsize::new(n).unwrap_or(NonZeroUsize::MIN);
         Self {
-            positive_ttl,
-            negative_ttl,
-            entries: Mutex::new(HashMap::new()),
+            ttls,
+            entries: Mutex::new(Entries {
+                positive: LruCache::new(room(capacity)),
+                negative: LruCache::new(room(capacity / 4)),
+            }),
         }
     }
 
-    /// A cached result for `token`, if one is still fresh at `now`.
-    pub fn get(&self, token: &str, now: Instant) -> Option<Result<Caller, AuthnError>> {
-        let key = token_key(token);
+    /// The key `token` is cached under.
+    pub fn key(token: &str) -> TokenKey {
+        Sha256::digest(token.as_bytes()).into()
+    }
+
+    /// A cached result for `key`, if one is still fresh at `now`. A hit counts as a use.
+    pub fn get(&self, key: &TokenKey, now: Instant) -> Option<Result<Caller, AuthnError>> {
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        match entries.get(&key) {
-            Some(e) if e.expires > now => Some(e.result.clone()),
-            Some(_) => {
-                entries.remove(&key);
-                None
+        let Entries { positive, negative } = &mut *entries;
+        for lru in [positive, negative] {
+            match lru.get(key) {
+                Some(e) if e.expires > now => return Some(e.result.clone()),
+                Some(_) => {
+                    lru.pop(key);
+                }
+                None => {}
             }
-            None => None,
         }
+        None
     }
 
-    /// Records `result` for `token` reviewed at `now` (wall clock `wall_now`).
+    /// Records `result` for the token with `key` and (pre-checked) `claims`, reviewed at `now`
+    /// (wall clock `wall_now`). Evicts the least recently used entry when full.
     pub fn put(
         &self,
-        token: &str,
+        key: TokenKey,
         result: &Result<Caller, AuthnError>,
+        claims: &TokenClaims,
         now: Instant,
         wall_now: SystemTime,
     ) {
         let ttl = match result {
-            Ok(_) => {
-                let until_exp = match jwt_expiry(token) {
-                    Some(exp) => exp.duration_since(wall_now).unwrap_or(Duration::ZERO),
-                    None => self.positive_ttl,
+            Ok(caller) => {
+                let until_exp = claims
+                    .expires
+                    .duration_since(wall_now)
+                    .unwrap_or(Duration::ZERO);
+                let ttl = if caller.pod.is_some() || claims.pod_bound {
+                    self.ttls.pod_bound.min(self.ttls.positive)
+                } else {
+                    self.ttls.positive
                 };
-                self.positive_ttl.min(until_exp)
+                ttl.min(until_exp)
             }
             Err(AuthnError::Unavailable(_)) => return,
-            Err(_) => self.negative_ttl,
+            Err(_) => self.ttls.negative,
         };
         if ttl.is_zero() {
             return;
         }
         let mut entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
-        if entries.len() >= MAX_ENTRIES {
-            entries.retain(|_, e| e.expires > now);
-            if entries.len() >= MAX_ENTRIES {
-                entries.clear();
-            }
-        }
-        entries.insert(
-            token_key(token),
+        let lru = if result.is_ok() {
+            &mut entries.positive
+        } else {
+            &mut entries.negative
+        };
+        lru.put(
+            key,
             Entry {
                 result: result.clone(),
                 expires: now + ttl,
@@ -118,7 +138,8 @@ impl TokenCache {
 
     /// Number of entries (fresh or not).
     pub fn len(&self) -> usize {
-        self.entries.lock().unwrap_or_else(|e| e.into_inner()).len()
+        let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
+        entries.positive.len() + entries.negative.len()
     }
 
     /// Whether the cache is empty.
@@ -130,15 +151,20 @@ impl TokenCache {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::authn::{BackendError, PodRef};
     use crate::identity::SpiffeId;
 
-    fn jwt(exp: u64) -> String {
-        let enc = |v: &str| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v);
-        format!(
-            "{}.{}.sig",
-            enc(r#"{"alg":"RS256"}"#),
-            enc(&format!(r#"{{"exp":{exp}}}"#))
-        )
+    const TTLS: CacheTtls = CacheTtls {
+        positive: Duration::from_secs(60),
+        pod_bound: Duration::from_secs(4),
+        negative: Duration::from_secs(2),
+    };
+
+    fn claims(expires_in: Duration) -> TokenClaims {
+        TokenClaims {
+            expires: SystemTime::now() + expires_in,
+            pod_bound: false,
+        }
     }
 
     fn caller() -> Result<Caller, AuthnError> {
@@ -149,53 +175,129 @@ mod tests {
         })
     }
 
+    fn key(n: u32) -> TokenKey {
+        TokenCache::key(&format!("token-{n}"))
+    }
+
     #[test]
     fn a_positive_result_is_never_cached_beyond_the_token_expiry() {
-        let cache = TokenCache::new(Duration::from_secs(300), Duration::from_secs(2));
-        let wall = SystemTime::now();
+        let cache = TokenCache::new(TTLS, 16);
         let now = Instant::now();
-        let exp = wall.duration_since(UNIX_EPOCH).unwrap().as_secs() + 10;
-        let token = jwt(exp);
-        cache.put(&token, &caller(), now, wall);
-        assert!(cache.get(&token, now + Duration::from_secs(5)).is_some());
-        assert!(cache.get(&token, now + Duration::from_secs(11)).is_none());
+        let c = claims(Duration::from_secs(10));
+        cache.put(key(1), &caller(), &c, now, SystemTime::now());
+        assert!(cache.get(&key(1), now + Duration::from_secs(5)).is_some());
+        assert!(cache.get(&key(1), now + Duration::from_secs(11)).is_none());
     }
 
     #[test]
     fn a_positive_result_is_never_cached_beyond_the_ttl() {
-        let cache = TokenCache::new(Duration::from_secs(30), Duration::from_secs(2));
-        let wall = SystemTime::now();
+        let cache = TokenCache::new(TTLS, 16);
         let now = Instant::now();
-        let token = jwt(wall.duration_since(UNIX_EPOCH).unwrap().as_secs() + 3600);
-        cache.put(&token, &caller(), now, wall);
-        assert!(cache.get(&token, now + Duration::from_secs(29)).is_some());
-        assert!(cache.get(&token, now + Duration::from_secs(31)).is_none());
+        let c = claims(Duration::from_secs(3600));
+        cache.put(key(1), &caller(), &c, now, SystemTime::now());
+        assert!(cache.get(&key(1), now + Duration::from_secs(59)).is_some());
+        assert!(cache.get(&key(1), now + Duration::from_secs(61)).is_none());
+    }
+
+    #[test]
+    fn a_pod_bound_token_is_cached_only_for_the_short_pod_ttl() {
+        let cache = TokenCache::new(TTLS, 16);
+        let now = Instant::now();
+        let long = claims(Duration::from_secs(3600));
+        // Known pod-bound from the review's extras...
+        let mut bound = caller().unwrap();
+        bound.pod = Some(PodRef {
+            name: "p".into(),
+            uid: "u".into(),
+        });
+        cache.put(key(1), &Ok(bound), &long, now, SystemTime::now());
+        // ...or from the token's claims.
+        let pod_claims = TokenClaims {
+            pod_bound: true,
+            ..long
+        };
+        cache.put(key(2), &caller(), &pod_claims, now, SystemTime::now());
+        for k in [key(1), key(2)] {
+            assert!(cache.get(&k, now + Duration::from_secs(3)).is_some());
+            assert!(cache.get(&k, now + Duration::from_secs(5)).is_none());
+        }
     }
 
     #[test]
     fn negative_results_are_short_lived_and_unavailable_is_never_cached() {
-        let cache = TokenCache::new(Duration::from_secs(300), Duration::from_secs(2));
+        let cache = TokenCache::new(TTLS, 16);
         let now = Instant::now();
-        cache.put("t1", &Err(AuthnError::Rejected), now, SystemTime::now());
-        assert_eq!(
-            cache.get("t1", now + Duration::from_secs(1)),
-            Some(Err(AuthnError::Rejected))
-        );
-        assert_eq!(cache.get("t1", now + Duration::from_secs(3)), None);
+        let c = claims(Duration::from_secs(3600));
         cache.put(
-            "t2",
-            &Err(AuthnError::Unavailable("down".into())),
+            key(1),
+            &Err(AuthnError::Rejected),
+            &c,
             now,
             SystemTime::now(),
         );
-        assert_eq!(cache.get("t2", now), None);
+        assert_eq!(
+            cache.get(&key(1), now + Duration::from_secs(1)),
+            Some(Err(AuthnError::Rejected))
+        );
+        assert_eq!(cache.get(&key(1), now + Duration::from_secs(3)), None);
+        let down = Err(AuthnError::Unavailable(BackendError::TimedOut));
+        cache.put(key(2), &down, &c, now, SystemTime::now());
+        assert_eq!(cache.get(&key(2), now), None);
     }
 
     #[test]
     fn an_already_expired_token_is_not_cached() {
-        let cache = TokenCache::new(Duration::from_secs(300), Duration::from_secs(2));
-        let token = jwt(1);
-        cache.put(&token, &caller(), Instant::now(), SystemTime::now());
+        let cache = TokenCache::new(TTLS, 16);
+        let c = TokenClaims {
+            expires: SystemTime::now() - Duration::from_secs(1),
+            pod_bound: false,
+        };
+        cache.put(key(1), &caller(), &c, Instant::now(), SystemTime::now());
         assert!(cache.is_empty());
+    }
+
+    #[test]
+    fn a_full_cache_evicts_the_least_recently_used_entry_and_keeps_the_others() {
+        let cache = TokenCache::new(TTLS, 3);
+        let now = Instant::now();
+        let c = claims(Duration::from_secs(3600));
+        for n in 1..=3 {
+            cache.put(key(n), &caller(), &c, now, SystemTime::now());
+        }
+        // Token 1 is used again, so token 2 is now the least recently used.
+        assert!(cache.get(&key(1), now).is_some());
+        cache.put(key(4), &caller(), &c, now, SystemTime::now());
+        assert_eq!(cache.len(), 3);
+        assert!(cache.get(&key(2), now).is_none(), "evicted");
+        for n in [1, 3, 4] {
+            assert!(cache.get(&key(n), now).is_some(), "token {n} kept");
+        }
+    }
+
+    #[test]
+    fn a_flood_of_refused_tokens_never_pushes_out_accepted_callers() {
+        let cache = TokenCache::new(TTLS, 8);
+        let now = Instant::now();
+        let c = claims(Duration::from_secs(3600));
+        for n in 0..8 {
+            cache.put(key(n), &caller(), &c, now, SystemTime::now());
+        }
+        for n in 100..10_000 {
+            cache.put(
+                key(n),
+                &Err(AuthnError::Rejected),
+                &c,
+                now,
+                SystemTime::now(),
+            );
+        }
+        assert_eq!(cache.len(), 8 + 2);
+        for n in 0..8 {
+            assert!(cache.get(&key(n), now).is_some(), "token {n} kept");
+        }
+        assert!(
+            cache.get(&key(9_999), now).is_some(),
+            "the newest refusal is cached"
+        );
     }
 }

@@ -1,12 +1,17 @@
 //! Authentication: who is calling. The server depends on the [`Authenticator`] trait only.
 //!
 //! - [`TokenReviewAuthenticator`]: Kubernetes TokenReview of the caller's service-account JWT,
-//!   with a bounded cache of positive (and briefly, negative) results.
+//!   after a local [`Precheck`], one review in flight per token ([`SingleFlight`]), a bound on
+//!   concurrent apiserver calls ([`ApiLimiter`]) and a bounded LRU cache of positive (and
+//!   briefly, negative) results ([`TokenCache`]).
 //! - [`StaticTokenAuthenticator`]: a file of `token,namespace,serviceaccount` lines, for the
 //!   quickstart and for development without a cluster.
 
 mod cache;
+mod flight;
+mod limit;
 mod node;
+mod precheck;
 mod static_tokens;
 mod tokenreview;
 
@@ -15,10 +20,15 @@ use std::collections::BTreeMap;
 use crate::identity::SpiffeId;
 use crate::signer::BoxFuture;
 
-pub use cache::TokenCache;
-pub use node::{NodeAuthorizer, PodLookup, parse_trusted_accounts};
+pub use cache::{CacheTtls, TokenCache};
+pub use flight::SingleFlight;
+pub use limit::{ApiLimiter, ApiLimits};
+pub use node::{AuthzError, Denial, NodeAuthorizer, PodLookup, parse_trusted_accounts};
+pub use precheck::{CLOCK_SKEW, MAX_TOKEN_BYTES, Precheck, PrecheckError, TokenClaims};
 pub use static_tokens::StaticTokenAuthenticator;
-pub use tokenreview::{KubeTokenReviewer, ReviewResult, TokenReviewAuthenticator, TokenReviewer};
+pub use tokenreview::{
+    KubeTokenReviewer, ReviewResult, TokenReviewAuthenticator, TokenReviewOptions, TokenReviewer,
+};
 
 /// Extra key the apiserver sets on pod-bound tokens: the pod's name.
 pub const EXTRA_POD_NAME: &str = "authentication.kubernetes.io/pod-name";
@@ -85,19 +95,63 @@ pub enum AuthnError {
     /// No `authorization: Bearer` header.
     #[error("missing bearer token")]
     MissingToken,
+    /// The token was refused before review: it cannot be a valid token for this server.
+    #[error(transparent)]
+    Precheck(#[from] PrecheckError),
     /// The token was reviewed and not accepted (invalid, expired, wrong audience, pod deleted).
     #[error("token rejected")]
     Rejected,
+    /// The apiserver accepted the token but did not confirm one of the requested audiences in
+    /// `status.audiences` (it is not audience-aware, or the token is for another audience).
+    #[error("token audience not confirmed by the reviewer")]
+    AudienceNotConfirmed,
     /// The token is valid but not a Kubernetes service account's.
     #[error("token is not a service account token")]
     NotServiceAccount,
     /// The service account's names cannot form a SPIFFE ID.
     #[error("service account cannot be mapped to a SPIFFE ID")]
     InvalidIdentity,
-    /// The authenticator could not reach its authority (apiserver down, forbidden, timed out).
-    /// Authentication fails closed.
+    /// The authenticator could not reach its authority (apiserver down, forbidden, timed out,
+    /// too many calls pending). Authentication fails closed.
     #[error("authentication backend unavailable: {0}")]
-    Unavailable(String),
+    Unavailable(#[source] BackendError),
+}
+
+/// A Kubernetes call made to authenticate or authorize a caller failed. Clients only ever see
+/// "unavailable"; the detail is for logs.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum BackendError {
+    /// The call took longer than its timeout.
+    #[error("apiserver call timed out")]
+    TimedOut,
+    /// Too many calls were already running or queued (see [`ApiLimits`]).
+    #[error("too many apiserver calls pending")]
+    Overloaded,
+    /// The apiserver answered with an error status (e.g. 403 when meshid may not review).
+    #[error("apiserver answered {code}: {reason}")]
+    Status {
+        /// HTTP status code.
+        code: u16,
+        /// The apiserver's machine-readable reason.
+        reason: String,
+    },
+    /// The apiserver could not be reached or its answer could not be read.
+    #[error("apiserver unreachable: {0}")]
+    Transport(String),
+}
+
+impl From<kube::Error> for BackendError {
+    fn from(e: kube::Error) -> Self {
+        match e {
+            kube::Error::Api(status) => Self::Status {
+                code: status.code,
+                reason: status.reason,
+            },
+            // kube errors name the URL and the failure, never a request body (the token).
+            other => Self::Transport(other.to_string()),
+        }
+    }
 }
 
 impl AuthnError {
@@ -105,9 +159,12 @@ impl AuthnError {
     pub fn reason(&self) -> &'static str {
         match self {
             Self::MissingToken => "missing_token",
+            Self::Precheck(e) => e.reason(),
             Self::Rejected => "token_rejected",
+            Self::AudienceNotConfirmed => "token_audience_not_confirmed",
             Self::NotServiceAccount => "not_service_account",
             Self::InvalidIdentity => "invalid_identity",
+            Self::Unavailable(BackendError::Overloaded) => "authn_overloaded",
             Self::Unavailable(_) => "authn_unavailable",
         }
     }

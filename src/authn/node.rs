@@ -4,10 +4,13 @@
 //! `istio-system/ztunnel`), its token is bound to a pod whose UID and service account match, and
 //! at least one non-terminated pod running as the impersonated service account (in its
 //! namespace) is scheduled on the caller pod's node. Lookups use a pod GET and a field-selector
-//! LIST (no cluster-wide informer), with a short cache.
+//! LIST (no cluster-wide informer), with a short cache. Concurrent requests needing the same
+//! lookup share one apiserver call ([`SingleFlight`]), and calls run within the same
+//! [`ApiLimiter`] as TokenReviews. An apiserver failure is [`AuthzError::Unavailable`], never a
+//! denial.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use k8s_openapi::api::core::v1::Pod;
@@ -15,7 +18,7 @@ use kube::Api;
 use kube::api::ListParams;
 use prometheus_client::metrics::counter::Counter;
 
-use super::Caller;
+use super::{ApiLimiter, BackendError, Caller, SingleFlight};
 use crate::identity::SpiffeId;
 use crate::server::ImpersonationAuthorizer;
 use crate::signer::BoxFuture;
@@ -25,6 +28,50 @@ const POSITIVE_TTL: Duration = Duration::from_secs(5);
 /// How long negative node lookups are cached (short: a pod may be starting).
 const NEGATIVE_TTL: Duration = Duration::from_secs(1);
 
+/// Why an impersonation was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum Denial {
+    /// The caller is not one of the trusted node accounts.
+    #[error("caller is not a trusted node agent")]
+    NotTrusted,
+    /// The caller's token is not bound to a pod, so there is no node to check.
+    #[error("caller token is not bound to a pod")]
+    NotPodBound,
+    /// The caller's pod no longer exists.
+    #[error("caller pod not found")]
+    PodNotFound,
+    /// The pod of that name has another UID than the one in the token.
+    #[error("caller pod UID does not match its token")]
+    PodUidMismatch,
+    /// The caller's pod runs as another service account.
+    #[error("caller pod runs as another service account")]
+    ServiceAccountMismatch,
+    /// The caller's pod has no node.
+    #[error("caller pod is not scheduled")]
+    NotScheduled,
+    /// No running pod of the requested identity is on the caller's node.
+    #[error("no running pod of {target} on node {node}")]
+    NotOnNode {
+        /// The requested identity.
+        target: String,
+        /// The caller's node.
+        node: String,
+    },
+}
+
+/// The outcome of a refused impersonation check.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum AuthzError {
+    /// The caller may not impersonate the identity.
+    #[error("impersonation denied: {0}")]
+    Denied(#[from] Denial),
+    /// The check could not be made (apiserver unreachable, forbidden, overloaded). Fails closed.
+    #[error("impersonation check unavailable: {0}")]
+    Unavailable(#[from] BackendError),
+}
+
 /// The Kubernetes reads node authorization makes. Implemented for `kube::Client`.
 pub trait PodLookup: Send + Sync {
     /// `GET /api/v1/namespaces/{ns}/pods/{name}`; `Ok(None)` when absent.
@@ -32,13 +79,13 @@ pub trait PodLookup: Send + Sync {
         &'a self,
         ns: &'a str,
         name: &'a str,
-    ) -> BoxFuture<'a, Result<Option<Pod>, String>>;
+    ) -> BoxFuture<'a, Result<Option<Pod>, BackendError>>;
     /// `LIST /api/v1/namespaces/{ns}/pods?fieldSelector=spec.nodeName={node}`.
     fn pods_on_node<'a>(
         &'a self,
         ns: &'a str,
         node: &'a str,
-    ) -> BoxFuture<'a, Result<Vec<Pod>, String>>;
+    ) -> BoxFuture<'a, Result<Vec<Pod>, BackendError>>;
 }
 
 impl PodLookup for kube::Client {
@@ -46,12 +93,11 @@ impl PodLookup for kube::Client {
         &'a self,
         ns: &'a str,
         name: &'a str,
-    ) -> BoxFuture<'a, Result<Option<Pod>, String>> {
+    ) -> BoxFuture<'a, Result<Option<Pod>, BackendError>> {
         Box::pin(async move {
-            Api::<Pod>::namespaced(self.clone(), ns)
+            Ok(Api::<Pod>::namespaced(self.clone(), ns)
                 .get_opt(name)
-                .await
-                .map_err(|e| e.to_string())
+                .await?)
         })
     }
 
@@ -59,14 +105,13 @@ impl PodLookup for kube::Client {
         &'a self,
         ns: &'a str,
         node: &'a str,
-    ) -> BoxFuture<'a, Result<Vec<Pod>, String>> {
+    ) -> BoxFuture<'a, Result<Vec<Pod>, BackendError>> {
         Box::pin(async move {
             let lp = ListParams::default().fields(&format!("spec.nodeName={node}"));
-            Api::<Pod>::namespaced(self.clone(), ns)
+            Ok(Api::<Pod>::namespaced(self.clone(), ns)
                 .list(&lp)
-                .await
-                .map(|l| l.items)
-                .map_err(|e| e.to_string())
+                .await?
+                .items)
         })
     }
 }
@@ -74,15 +119,25 @@ impl PodLookup for kube::Client {
 /// (node, namespace, service account) of an impersonation target.
 type Placement = (String, String, String);
 
-/// Authorizes ztunnel impersonation by node co-location.
-pub struct NodeAuthorizer<L> {
+type NodeResult = Result<String, AuthzError>;
+type PlacementResult = Result<bool, BackendError>;
+
+struct Inner<L> {
     lookup: L,
-    trusted: Vec<(String, String)>,
-    /// caller pod UID → node name
+    limiter: ApiLimiter,
+    /// caller pod UID → (expiry, node name)
     caller_nodes: Mutex<HashMap<String, (Instant, String)>>,
     /// (node, ns, sa) → (expiry, allowed)
     placements: Mutex<HashMap<Placement, (Instant, bool)>>,
     api_calls: Counter,
+}
+
+/// Authorizes ztunnel impersonation by node co-location.
+pub struct NodeAuthorizer<L> {
+    inner: Arc<Inner<L>>,
+    trusted: Vec<(String, String)>,
+    caller_lookups: SingleFlight<(String, String), NodeResult>,
+    placement_lookups: SingleFlight<Placement, PlacementResult>,
 }
 
 /// Parses `ns/sa,ns/sa` into pairs. Errors name the bad entry.
@@ -103,25 +158,90 @@ fn terminated(pod: &Pod) -> bool {
     matches!(phase, Some("Succeeded" | "Failed")) || pod.metadata.deletion_timestamp.is_some()
 }
 
-impl<L: PodLookup> NodeAuthorizer<L> {
-    /// Trusts callers running as any of `trusted` (namespace, service account) pairs.
-    /// `api_calls` counts apiserver reads.
-    pub fn new(lookup: L, trusted: Vec<(String, String)>, api_calls: Counter) -> Self {
+fn service_account(pod: &Pod) -> &str {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.service_account_name.as_deref())
+        .unwrap_or("default")
+}
+
+impl<L: PodLookup + 'static> NodeAuthorizer<L> {
+    /// Trusts callers running as any of `trusted` (namespace, service account) pairs. Reads run
+    /// within `limiter`; `api_calls` counts them.
+    pub fn new(
+        lookup: L,
+        trusted: Vec<(String, String)>,
+        limiter: ApiLimiter,
+        api_calls: Counter,
+    ) -> Self {
         Self {
-            lookup,
+            inner: Arc::new(Inner {
+                lookup,
+                limiter,
+                caller_nodes: Mutex::new(HashMap::new()),
+                placements: Mutex::new(HashMap::new()),
+                api_calls,
+            }),
             trusted,
-            caller_nodes: Mutex::new(HashMap::new()),
-            placements: Mutex::new(HashMap::new()),
-            api_calls,
+            caller_lookups: SingleFlight::default(),
+            placement_lookups: SingleFlight::default(),
         }
     }
 
-    async fn caller_node(&self, caller: &Caller) -> Result<String, String> {
-        let pod_ref = caller
-            .pod
-            .as_ref()
-            .ok_or("caller token is not bound to a pod")?;
+    async fn caller_node(&self, caller: &Caller) -> NodeResult {
+        let pod_ref = caller.pod.as_ref().ok_or(Denial::NotPodBound)?;
         let now = Instant::now();
+        if let Some((exp, node)) = self
+            .inner
+            .caller_nodes
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&pod_ref.uid)
+            && *exp > now
+        {
+            return Ok(node.clone());
+        }
+        let ns = caller.identity.namespace().to_owned();
+        let sa = caller.identity.service_account().to_owned();
+        let pod_ref = pod_ref.clone();
+        let key = (pod_ref.uid.clone(), pod_ref.name.clone());
+        self.caller_lookups
+            .run(key, || {
+                let inner = self.inner.clone();
+                Box::pin(async move { inner.fetch_caller_node(&ns, &sa, &pod_ref).await })
+            })
+            .await
+    }
+
+    async fn identity_on_node(&self, node: &str, target: &SpiffeId) -> PlacementResult {
+        let key = (
+            node.to_owned(),
+            target.namespace().to_owned(),
+            target.service_account().to_owned(),
+        );
+        if let Some((exp, allowed)) = self
+            .inner
+            .placements
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .get(&key)
+            && *exp > Instant::now()
+        {
+            return Ok(*allowed);
+        }
+        self.placement_lookups
+            .run(key.clone(), || {
+                let inner = self.inner.clone();
+                Box::pin(async move { inner.fetch_placement(key).await })
+            })
+            .await
+    }
+}
+
+impl<L: PodLookup> Inner<L> {
+    async fn fetch_caller_node(&self, ns: &str, sa: &str, pod_ref: &super::PodRef) -> NodeResult {
+        let now = Instant::now();
+        // A lookup that completed after the caller missed the cache has left its result there.
         if let Some((exp, node)) = self
             .caller_nodes
             .lock()
@@ -132,38 +252,30 @@ impl<L: PodLookup> NodeAuthorizer<L> {
             return Ok(node.clone());
         }
         self.api_calls.inc();
-        let ns = caller.identity.namespace();
         let pod = self
-            .lookup
-            .get_pod(ns, &pod_ref.name)
-            .await
-            .map_err(|e| format!("pod lookup failed: {e}"))?
-            .ok_or("caller pod not found")?;
+            .limiter
+            .run(self.lookup.get_pod(ns, &pod_ref.name))
+            .await?
+            .ok_or(Denial::PodNotFound)?;
         if pod.metadata.uid.as_deref() != Some(pod_ref.uid.as_str()) {
-            return Err("caller pod UID does not match its token".into());
+            return Err(Denial::PodUidMismatch.into());
         }
-        let spec = pod.spec.as_ref().ok_or("caller pod has no spec")?;
-        let sa = spec.service_account_name.as_deref().unwrap_or("default");
-        if sa != caller.identity.service_account() {
-            return Err("caller pod runs as another service account".into());
+        if service_account(&pod) != sa {
+            return Err(Denial::ServiceAccountMismatch.into());
         }
-        let node = spec
-            .node_name
-            .clone()
+        let node = pod
+            .spec
+            .as_ref()
+            .and_then(|s| s.node_name.clone())
             .filter(|n| !n.is_empty())
-            .ok_or("caller pod is not scheduled")?;
+            .ok_or(Denial::NotScheduled)?;
         let mut cache = self.caller_nodes.lock().unwrap_or_else(|e| e.into_inner());
         cache.retain(|_, (exp, _)| *exp > now);
         cache.insert(pod_ref.uid.clone(), (now + POSITIVE_TTL, node.clone()));
         Ok(node)
     }
 
-    async fn identity_on_node(&self, node: &str, target: &SpiffeId) -> Result<bool, String> {
-        let key = (
-            node.to_owned(),
-            target.namespace().to_owned(),
-            target.service_account().to_owned(),
-        );
+    async fn fetch_placement(&self, key: Placement) -> PlacementResult {
         let now = Instant::now();
         if let Some((exp, allowed)) = self
             .placements
@@ -174,20 +286,12 @@ impl<L: PodLookup> NodeAuthorizer<L> {
         {
             return Ok(*allowed);
         }
+        let (node, ns, sa) = &key;
         self.api_calls.inc();
-        let pods = self
-            .lookup
-            .pods_on_node(target.namespace(), node)
-            .await
-            .map_err(|e| format!("pod list failed: {e}"))?;
-        let allowed = pods.iter().any(|p| {
-            !terminated(p)
-                && p.spec
-                    .as_ref()
-                    .and_then(|s| s.service_account_name.as_deref())
-                    .unwrap_or("default")
-                    == target.service_account()
-        });
+        let pods = self.limiter.run(self.lookup.pods_on_node(ns, node)).await?;
+        let allowed = pods
+            .iter()
+            .any(|p| !terminated(p) && service_account(p) == sa);
         let ttl = if allowed { POSITIVE_TTL } else { NEGATIVE_TTL };
         let mut cache = self.placements.lock().unwrap_or_else(|e| e.into_inner());
         cache.retain(|_, (exp, _)| *exp > now);
@@ -196,12 +300,12 @@ impl<L: PodLookup> NodeAuthorizer<L> {
     }
 }
 
-impl<L: PodLookup> ImpersonationAuthorizer for NodeAuthorizer<L> {
+impl<L: PodLookup + 'static> ImpersonationAuthorizer for NodeAuthorizer<L> {
     fn authorize<'a>(
         &'a self,
         caller: &'a Caller,
         target: &'a SpiffeId,
-    ) -> BoxFuture<'a, Result<(), String>> {
+    ) -> BoxFuture<'a, Result<(), AuthzError>> {
         Box::pin(async move {
             let id = &caller.identity;
             if !self
@@ -209,13 +313,17 @@ impl<L: PodLookup> ImpersonationAuthorizer for NodeAuthorizer<L> {
                 .iter()
                 .any(|(ns, sa)| ns == id.namespace() && sa == id.service_account())
             {
-                return Err(format!("{id} is not a trusted node agent"));
+                return Err(Denial::NotTrusted.into());
             }
             let node = self.caller_node(caller).await?;
             if self.identity_on_node(&node, target).await? {
                 Ok(())
             } else {
-                Err(format!("no running pod of {target} on node {node}"))
+                Err(Denial::NotOnNode {
+                    target: target.to_string(),
+                    node,
+                }
+                .into())
             }
         })
     }
@@ -249,28 +357,61 @@ mod tests {
         }
     }
 
-    struct Pods(Vec<(String, Pod)>, std::sync::atomic::AtomicUsize);
+    /// Pods in namespaces, counting reads; `down` makes every read fail like an unreachable
+    /// apiserver, and `gate` makes every read wait for a notification.
+    #[derive(Default)]
+    struct Pods(
+        Vec<(String, Pod)>,
+        std::sync::atomic::AtomicUsize,
+        bool,
+        Option<Arc<tokio::sync::Notify>>,
+    );
+
+    impl Pods {
+        fn read(&self) -> Result<Option<Arc<tokio::sync::Notify>>, BackendError> {
+            self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            if self.2 {
+                return Err(BackendError::Transport("connection refused".into()));
+            }
+            Ok(self.3.clone())
+        }
+    }
+
+    async fn wait(gate: Option<Arc<tokio::sync::Notify>>) {
+        if let Some(g) = gate {
+            g.notified().await;
+        }
+    }
 
     impl PodLookup for Pods {
         fn get_pod<'a>(
             &'a self,
             ns: &'a str,
             name: &'a str,
-        ) -> BoxFuture<'a, Result<Option<Pod>, String>> {
-            self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        ) -> BoxFuture<'a, Result<Option<Pod>, BackendError>> {
+            let gate = match self.read() {
+                Ok(g) => g,
+                Err(e) => return Box::pin(async move { Err(e) }),
+            };
             let p = self
                 .0
                 .iter()
                 .find(|(n, p)| n == ns && p.metadata.name.as_deref() == Some(name))
                 .map(|(_, p)| p.clone());
-            Box::pin(async move { Ok(p) })
+            Box::pin(async move {
+                wait(gate).await;
+                Ok(p)
+            })
         }
         fn pods_on_node<'a>(
             &'a self,
             ns: &'a str,
             node: &'a str,
-        ) -> BoxFuture<'a, Result<Vec<Pod>, String>> {
-            self.1.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        ) -> BoxFuture<'a, Result<Vec<Pod>, BackendError>> {
+            let gate = match self.read() {
+                Ok(g) => g,
+                Err(e) => return Box::pin(async move { Err(e) }),
+            };
             let v = self
                 .0
                 .iter()
@@ -279,7 +420,10 @@ mod tests {
                 })
                 .map(|(_, p)| p.clone())
                 .collect();
-            Box::pin(async move { Ok(v) })
+            Box::pin(async move {
+                wait(gate).await;
+                Ok(v)
+            })
         }
     }
 
@@ -295,6 +439,10 @@ mod tests {
     }
 
     fn authorizer() -> NodeAuthorizer<Pods> {
+        authorizer_with(false, None)
+    }
+
+    fn authorizer_with(down: bool, gate: Option<Arc<tokio::sync::Notify>>) -> NodeAuthorizer<Pods> {
         let pods = vec![
             (
                 "istio-system".to_owned(),
@@ -314,8 +462,9 @@ mod tests {
             ),
         ];
         NodeAuthorizer::new(
-            Pods(pods, Default::default()),
+            Pods(pods, Default::default(), down, gate),
             vec![("istio-system".into(), "ztunnel".into())],
+            ApiLimiter::new(crate::authn::ApiLimits::default(), Counter::default()),
             Counter::default(),
         )
     }
@@ -328,26 +477,67 @@ mod tests {
     async fn ztunnel_may_impersonate_only_running_workloads_on_its_own_node() {
         let a = authorizer();
         assert!(a.authorize(&ztunnel("uid-z"), &id("web")).await.is_ok());
-        assert!(
-            a.authorize(&ztunnel("uid-z"), &id("db"))
-                .await
-                .unwrap_err()
-                .contains("node-a")
+        assert_eq!(
+            a.authorize(&ztunnel("uid-z"), &id("db")).await,
+            Err(AuthzError::Denied(Denial::NotOnNode {
+                target: id("db").to_string(),
+                node: "node-a".into()
+            }))
         );
-        assert!(a.authorize(&ztunnel("uid-z"), &id("job")).await.is_err());
-        assert!(
-            a.authorize(&ztunnel("other-uid"), &id("web"))
-                .await
-                .unwrap_err()
-                .contains("UID")
+        assert!(matches!(
+            a.authorize(&ztunnel("uid-z"), &id("job")).await,
+            Err(AuthzError::Denied(Denial::NotOnNode { .. }))
+        ));
+        assert_eq!(
+            a.authorize(&ztunnel("other-uid"), &id("web")).await,
+            Err(Denial::PodUidMismatch.into())
         );
         let mut untrusted = ztunnel("uid-z");
         untrusted.identity = id("web");
-        assert!(
-            a.authorize(&untrusted, &id("web"))
-                .await
-                .unwrap_err()
-                .contains("trusted")
+        assert_eq!(
+            a.authorize(&untrusted, &id("web")).await,
+            Err(Denial::NotTrusted.into())
+        );
+        let mut unbound = ztunnel("uid-z");
+        unbound.pod = None;
+        assert_eq!(
+            a.authorize(&unbound, &id("web")).await,
+            Err(Denial::NotPodBound.into())
+        );
+    }
+
+    #[tokio::test]
+    async fn an_apiserver_failure_is_unavailable_not_a_denial() {
+        let a = authorizer_with(true, None);
+        assert!(matches!(
+            a.authorize(&ztunnel("uid-z"), &id("web")).await,
+            Err(AuthzError::Unavailable(BackendError::Transport(_)))
+        ));
+    }
+
+    #[tokio::test]
+    async fn concurrent_authorizations_share_one_pod_get_and_one_list() {
+        let gate = Arc::new(tokio::sync::Notify::new());
+        let a = Arc::new(authorizer_with(false, Some(gate.clone())));
+        let mut requests = tokio::task::JoinSet::new();
+        for _ in 0..200 {
+            let a = a.clone();
+            requests.spawn(async move { a.authorize(&ztunnel("uid-z"), &id("web")).await });
+        }
+        // The pod GET waits; then the LIST waits.
+        for expected in [1, 2] {
+            while a.inner.lookup.1.load(std::sync::atomic::Ordering::SeqCst) < expected {
+                tokio::task::yield_now().await;
+            }
+            for _ in 0..50 {
+                tokio::task::yield_now().await;
+            }
+            gate.notify_one();
+        }
+        assert!(requests.join_all().await.iter().all(Result::is_ok));
+        assert_eq!(
+            a.inner.lookup.1.load(std::sync::atomic::Ordering::SeqCst),
+            2
         );
     }
 
@@ -356,8 +546,11 @@ mod tests {
         let a = authorizer();
         a.authorize(&ztunnel("uid-z"), &id("web")).await.unwrap();
         a.authorize(&ztunnel("uid-z"), &id("web")).await.unwrap();
-        assert_eq!(a.lookup.1.load(std::sync::atomic::Ordering::SeqCst), 2);
-        assert_eq!(a.api_calls.get(), 2);
+        assert_eq!(
+            a.inner.lookup.1.load(std::sync::atomic::Ordering::SeqCst),
+            2
+        );
+        assert_eq!(a.inner.api_calls.get(), 2);
     }
 
     #[test]

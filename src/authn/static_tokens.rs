@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use super::cache::token_key;
+use super::TokenCache;
 use super::{Authenticator, AuthnError, Caller};
 use crate::identity::SpiffeId;
 use crate::signer::BoxFuture;
@@ -79,7 +79,7 @@ impl StaticTokenAuthenticator {
                 username: format!("system:serviceaccount:{ns}:{sa}"),
                 pod: None,
             };
-            callers.insert(token_key(token), caller);
+            callers.insert(TokenCache::key(token), caller);
         }
         Ok(Self { callers })
     }
@@ -89,7 +89,7 @@ impl Authenticator for StaticTokenAuthenticator {
     fn authenticate<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<Caller, AuthnError>> {
         let result = self
             .callers
-            .get(&token_key(token))
+            .get(&TokenCache::key(token))
             .cloned()
             .ok_or(AuthnError::Rejected);
         Box::pin(async move { result })

@@ -13,7 +13,74 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
 use k8s_openapi::jiff::Timestamp;
 use kube::Api;
 use kube::api::PostParams;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::watch;
+
+/// This replica's view of the Lease, as exported (`meshid_leader{state}`, `/readyz` detail).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseState {
+    /// We hold the lease and run the controllers.
+    Leader,
+    /// Another replica holds a live lease.
+    Follower,
+    /// The lease could not be read or renewed recently: nobody may be running the controllers.
+    Unknown,
+}
+
+impl LeaseState {
+    /// The label value.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LeaseState::Leader => "leader",
+            LeaseState::Follower => "follower",
+            LeaseState::Unknown => "unknown",
+        }
+    }
+}
+
+/// Label of `meshid_leader`.
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LeaseStateLabels {
+    /// `leader`, `follower` or `unknown`.
+    pub state: &'static str,
+}
+
+/// Where the elector reports: `meshid_leader{state}` (1 for the current state, 0 for the
+/// others), `meshid_lease_renew_errors_total`, and the current state for `/readyz`.
+#[derive(Debug, Clone, Default)]
+pub struct LeaseObserver {
+    /// `meshid_leader{state}`.
+    pub states: Family<LeaseStateLabels, Gauge>,
+    /// Failed or timed-out lease reads and writes.
+    pub renew_errors: Counter,
+    current: std::sync::Arc<std::sync::Mutex<Option<(LeaseState, String)>>>,
+}
+
+impl LeaseObserver {
+    fn set(&self, state: LeaseState, detail: String) {
+        for s in [
+            LeaseState::Leader,
+            LeaseState::Follower,
+            LeaseState::Unknown,
+        ] {
+            self.states
+                .get_or_create(&LeaseStateLabels { state: s.as_str() })
+                .set(i64::from(s == state));
+        }
+        *self.current.lock().unwrap_or_else(|e| e.into_inner()) = Some((state, detail));
+    }
+
+    /// The last observed state and a one-line detail (holder or error), once observed.
+    pub fn current(&self) -> Option<(LeaseState, String)> {
+        self.current
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+}
 
 /// Lease timing and identity.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -124,13 +191,17 @@ fn spec_for(
     }
 }
 
-/// One attempt: returns whether we hold the lease afterwards. Errors are apiserver failures
-/// (including conflicts from a concurrent writer).
-async fn try_acquire_or_renew(api: &Api<Lease>, s: &LeaseSettings) -> Result<bool, kube::Error> {
+/// One attempt: returns `Ok(None)` when we hold the lease afterwards, `Ok(Some(holder))` when
+/// another replica does. Errors are apiserver failures (including conflicts from a concurrent
+/// writer).
+async fn try_acquire_or_renew(
+    api: &Api<Lease>,
+    s: &LeaseSettings,
+) -> Result<Option<String>, kube::Error> {
     let now = Timestamp::now();
     let current = api.get_opt(&s.name).await?;
     match decide(current.as_ref(), &s.identity, now, s.lease_duration) {
-        LeaseAction::Wait { .. } => Ok(false),
+        LeaseAction::Wait { holder } => Ok(Some(holder)),
         LeaseAction::Create => {
             let lease = Lease {
                 metadata: ObjectMeta {
@@ -140,11 +211,12 @@ async fn try_acquire_or_renew(api: &Api<Lease>, s: &LeaseSettings) -> Result<boo
                 spec: Some(spec_for(s, now, None, true)),
             };
             api.create(&PostParams::default(), &lease).await?;
-            Ok(true)
+            tracing::info!(lease = %s.name, identity = %s.identity, "acquired leadership");
+            Ok(None)
         }
         action @ (LeaseAction::Renew | LeaseAction::TakeOver) => {
             let Some(mut lease) = current else {
-                return Ok(false);
+                return Ok(Some(String::new()));
             };
             let acquire = action == LeaseAction::TakeOver;
             lease.spec = Some(spec_for(s, now, lease.spec.as_ref(), acquire));
@@ -153,16 +225,18 @@ async fn try_acquire_or_renew(api: &Api<Lease>, s: &LeaseSettings) -> Result<boo
             if acquire {
                 tracing::info!(lease = %s.name, identity = %s.identity, "acquired leadership");
             }
-            Ok(true)
+            Ok(None)
         }
     }
 }
 
-/// Runs the election until `shutdown`, publishing leadership on the returned channel.
-/// On shutdown a held lease is released (holder cleared) so a peer can take over at once.
+/// Runs the election until `shutdown`, publishing leadership on the returned channel and the
+/// lease state on `observer`. On shutdown a held lease is released (holder cleared) so a peer
+/// can take over at once.
 pub fn spawn_elector(
     client: kube::Client,
     s: LeaseSettings,
+    observer: LeaseObserver,
     mut shutdown: watch::Receiver<bool>,
 ) -> (watch::Receiver<bool>, tokio::task::JoinHandle<()>) {
     let (tx, rx) = watch::channel(false);
@@ -176,13 +250,36 @@ pub fn spawn_elector(
             )
             .await;
             let now = tokio::time::Instant::now();
-            match attempt {
-                Ok(Ok(true)) => last_renew = Some(now),
-                Ok(Ok(false)) => last_renew = None,
-                Ok(Err(e)) => tracing::warn!(error = %e, lease = %s.name, "lease update failed"),
-                Err(_) => tracing::warn!(lease = %s.name, "lease update timed out"),
-            }
+            let observed = match attempt {
+                Ok(Ok(None)) => {
+                    last_renew = Some(now);
+                    Some((LeaseState::Leader, s.identity.clone()))
+                }
+                Ok(Ok(Some(holder))) => {
+                    last_renew = None;
+                    Some((LeaseState::Follower, format!("held by {holder}")))
+                }
+                Ok(Err(e)) => {
+                    observer.renew_errors.inc();
+                    tracing::warn!(error = %e, lease = %s.name, "lease update failed");
+                    None
+                }
+                Err(_) => {
+                    observer.renew_errors.inc();
+                    tracing::warn!(lease = %s.name, "lease update timed out");
+                    None
+                }
+            };
             let leading = last_renew.is_some_and(|t| now.duration_since(t) < s.renew_deadline);
+            match observed {
+                Some((state, detail)) => observer.set(state, detail),
+                // A leader keeps leading until its renew deadline; anyone else no longer knows.
+                None if leading => {}
+                None => observer.set(
+                    LeaseState::Unknown,
+                    "lease cannot be read or renewed (see meshid_lease_renew_errors_total)".into(),
+                ),
+            }
             if *tx.borrow() != leading {
                 if !leading {
                     tracing::warn!(lease = %s.name, "lost leadership; controllers stop");
@@ -197,6 +294,7 @@ pub fn spawn_elector(
         if *tx.borrow() {
             let _ = tx.send(false);
             release(&api, &s).await;
+            tracing::info!(lease = %s.name, "shutting down: released the lease");
         }
     });
     (rx, task)
@@ -277,5 +375,54 @@ mod tests {
             Some(3)
         );
         assert_eq!(spec_for(&s, now, None, true).lease_transitions, Some(0));
+    }
+}
+
+#[cfg(test)]
+mod elector_tests {
+    use super::*;
+
+    /// A Kubernetes client for a loopback port nobody listens on.
+    fn unreachable_client() -> kube::Client {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .map(|a| a.port())
+            .unwrap();
+        let url: http::Uri = format!("http://127.0.0.1:{port}").parse().unwrap();
+        kube::Client::try_from(kube::Config::new(url)).unwrap()
+    }
+
+    #[tokio::test]
+    async fn an_unreachable_lease_is_reported_as_unknown_with_renew_errors_and_no_leadership() {
+        let observer = LeaseObserver::default();
+        let mut s = LeaseSettings::new("ns".into(), "lease".into(), "me".into());
+        s.retry_period = Duration::from_millis(50);
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let (leading, task) = spawn_elector(unreachable_client(), s, observer.clone(), stop_rx);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while observer.renew_errors.get() < 2 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        assert!(observer.renew_errors.get() >= 2);
+        let (state, detail) = observer.current().expect("observed");
+        assert_eq!(state, LeaseState::Unknown);
+        assert!(detail.contains("cannot be read"), "{detail}");
+        let gauge = |s: LeaseState| {
+            observer
+                .states
+                .get_or_create(&LeaseStateLabels { state: s.as_str() })
+                .get()
+        };
+        assert_eq!(
+            (
+                gauge(LeaseState::Unknown),
+                gauge(LeaseState::Leader),
+                gauge(LeaseState::Follower)
+            ),
+            (1, 0, 0)
+        );
+        assert!(!*leading.borrow());
+        stop_tx.send(true).unwrap();
+        task.await.unwrap();
     }
 }

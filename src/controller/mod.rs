@@ -4,6 +4,12 @@
 mod istiod_cert;
 mod leader;
 mod root_configmap;
+mod signing_roots;
+
+pub use signing_roots::{
+    InUse, Record, SIGNING_ROOTS_SUFFIX, SigningRoots, SigningRootsError, SigningRootsSettings,
+    compose, configmap_key, roots_in_use,
+};
 
 use std::sync::Arc;
 
@@ -12,7 +18,9 @@ use prometheus_client::metrics::family::Family;
 use tokio::sync::watch;
 
 pub use istiod_cert::{IstiodCertError, IstiodCertSettings, renewal_due, run_istiod_cert};
-pub use leader::{LeaseAction, LeaseSettings, decide, spawn_elector};
+pub use leader::{
+    LeaseAction, LeaseObserver, LeaseSettings, LeaseState, LeaseStateLabels, decide, spawn_elector,
+};
 pub use root_configmap::{
     Desired, ISTIO_CONFIG_LABEL, ROOT_CERT_KEY, ROOT_CONFIGMAP, RootConfigMapError, desired,
     run_root_configmaps,
@@ -75,16 +83,19 @@ impl Controllers {
                     stop_rx.clone(),
                 ));
             }
-            let done = tokio::select! {
-                _ = shutdown.wait_for(|v| *v) => true,
-                _ = leading.wait_for(|v| !*v) => false,
+            tokio::select! {
+                _ = shutdown.wait_for(|v| *v) => {}
+                _ = leading.wait_for(|v| !*v) => {}
             };
             let _ = stop_tx.send(true);
-            // Controllers stop at once when leadership is lost: abort rather than drain.
-            if done {
+            // On shutdown the elector also drops leadership: whichever came first, a shutdown
+            // is a shutdown.
+            if *shutdown.borrow() {
                 while tasks.join_next().await.is_some() {}
+                tracing::info!("shutting down: controllers stopped");
                 return;
             }
+            // Controllers stop at once when leadership is lost: abort rather than drain.
             tasks.abort_all();
             while tasks.join_next().await.is_some() {}
             tracing::warn!("controllers stopped after losing leadership");

@@ -11,14 +11,19 @@ use x509_parser::cri_attributes::ParsedCriAttribute;
 use x509_parser::extensions::{GeneralName, ParsedExtension};
 use x509_parser::oid_registry::{
     OID_EC_P256, OID_KEY_TYPE_EC_PUBLIC_KEY, OID_NIST_EC_P384, OID_PKCS1_RSAENCRYPTION,
-    OID_SIG_ED25519,
+    OID_SIG_ED25519, OID_X509_EXT_SUBJECT_ALT_NAME,
 };
 use x509_parser::prelude::FromDer;
+use x509_parser::public_key::PublicKey;
 
 use super::SpiffeId;
 
 /// Largest CSR PEM we look at; real ones are 1–2 KiB.
 const MAX_CSR_PEM_BYTES: usize = 16 * 1024;
+/// Longest requested URI echoed back in [`CsrRejection::IdentityMismatch`].
+pub const MAX_ECHOED_URI: usize = 256;
+/// The only RSA public exponent accepted.
+const RSA_EXPONENT: u64 = 65537;
 /// Smallest RSA modulus we sign for.
 const MIN_RSA_BITS: usize = 2048;
 /// Largest RSA modulus we sign for (bounds verification cost).
@@ -38,6 +43,12 @@ pub enum CsrRejection {
     /// No `CERTIFICATE REQUEST` PEM block.
     #[error("CSR is not a PEM CERTIFICATE REQUEST")]
     NotPem,
+    /// The field holds more than one PEM block (only one CSR may be sent).
+    #[error("CSR field holds more than one PEM block")]
+    MultiplePemBlocks,
+    /// Something other than whitespace surrounds the PEM block.
+    #[error("CSR field has text outside its PEM block")]
+    TextAroundPem,
     /// The DER inside the PEM is not a PKCS#10 request.
     #[error("CSR is not valid PKCS#10")]
     Malformed,
@@ -53,9 +64,18 @@ pub enum CsrRejection {
         /// The modulus size found.
         bits: usize,
     },
+    /// An RSA public exponent other than 65537.
+    #[error("RSA public exponent must be 65537")]
+    RsaExponent,
     /// The CSR asks to be a CA.
     #[error("CSR requests a CA certificate")]
     CaRequested,
+    /// basicConstraints CA:false with a path length (meaningless outside a CA).
+    #[error("CSR basicConstraints has a path length")]
+    PathLenRequested,
+    /// The subjectAltName extension could not be parsed.
+    #[error("CSR subjectAltName is malformed")]
+    MalformedSan,
     /// A SAN other than one URI (DNS, IP, email, other names).
     #[error("CSR requests a forbidden {kind} SAN")]
     ForbiddenSan {
@@ -77,7 +97,7 @@ pub enum CsrRejection {
     /// The URI SAN is not the caller's identity.
     #[error("CSR identity {requested} does not match the authenticated identity {expected}")]
     IdentityMismatch {
-        /// What the CSR asked for.
+        /// What the CSR asked for, cut to [`MAX_ECHOED_URI`] characters.
         requested: String,
         /// What the caller proved.
         expected: String,
@@ -91,11 +111,16 @@ impl CsrRejection {
             Self::Empty => "csr_empty",
             Self::TooLarge => "csr_too_large",
             Self::NotPem => "csr_not_pem",
+            Self::MultiplePemBlocks => "csr_multiple_pem_blocks",
+            Self::TextAroundPem => "csr_text_around_pem",
             Self::Malformed => "csr_malformed",
             Self::BadSignature => "csr_bad_signature",
             Self::UnsupportedKey => "csr_unsupported_key",
             Self::RsaKeySize { .. } => "csr_rsa_key_size",
+            Self::RsaExponent => "csr_rsa_exponent",
             Self::CaRequested => "csr_ca_requested",
+            Self::PathLenRequested => "csr_pathlen_requested",
+            Self::MalformedSan => "csr_malformed_san",
             Self::ForbiddenSan { .. } => "csr_forbidden_san",
             Self::ForbiddenExtension { .. } => "csr_forbidden_extension",
             Self::MissingUriSan => "csr_missing_uri_san",
@@ -134,10 +159,11 @@ pub struct ValidatedCsr {
 
 /// Checks a PEM CSR against the policy for a caller proven to be `expected`.
 ///
-/// Accepts a self-signed PKCS#10 request whose key is RSA 2048–8192, ECDSA P-256/P-384 or
+/// Accepts exactly one PEM block (with nothing but whitespace around it) holding a self-signed
+/// PKCS#10 request whose key is RSA 2048–8192 with exponent 65537, ECDSA P-256/P-384 or
 /// Ed25519, whose only extension is a subjectAltName holding exactly one URI equal to
-/// `expected` (a basicConstraints CA:false is tolerated), whatever its subject and whether or
-/// not the SAN is critical. Everything else is a [`CsrRejection`].
+/// `expected` (a basicConstraints CA:false without a path length is tolerated), whatever its
+/// subject and whether or not the SAN is critical. Everything else is a [`CsrRejection`].
 pub fn check_csr(pem: &str, expected: &SpiffeId) -> Result<ValidatedCsr, CsrRejection> {
     if pem.trim().is_empty() {
         return Err(CsrRejection::Empty);
@@ -145,7 +171,13 @@ pub fn check_csr(pem: &str, expected: &SpiffeId) -> Result<ValidatedCsr, CsrReje
     if pem.len() > MAX_CSR_PEM_BYTES {
         return Err(CsrRejection::TooLarge);
     }
-    let der = CertificateSigningRequestDer::from_pem_slice(pem.as_bytes())
+    match crate::pem::single_block(pem) {
+        Ok(()) => {}
+        Err(crate::pem::PemError::MultipleBlocks) => return Err(CsrRejection::MultiplePemBlocks),
+        Err(crate::pem::PemError::TextAround) => return Err(CsrRejection::TextAroundPem),
+        Err(_) => return Err(CsrRejection::NotPem),
+    }
+    let der = CertificateSigningRequestDer::from_pem_slice(pem.trim().as_bytes())
         .map_err(|_| CsrRejection::NotPem)?;
     let (rest, csr) =
         X509CertificationRequest::from_der(der.as_ref()).map_err(|_| CsrRejection::Malformed)?;
@@ -171,6 +203,12 @@ fn key_kind(spki: &x509_parser::x509::SubjectPublicKeyInfo<'_>) -> Result<KeyKin
         let bits = parsed.key_size();
         if !(MIN_RSA_BITS..=MAX_RSA_BITS).contains(&bits) {
             return Err(CsrRejection::RsaKeySize { bits });
+        }
+        let PublicKey::RSA(rsa) = parsed else {
+            return Err(CsrRejection::Malformed);
+        };
+        if rsa.try_exponent().ok() != Some(RSA_EXPONENT) {
+            return Err(CsrRejection::RsaExponent);
         }
         return Ok(KeyKind::Rsa { bits });
     }
@@ -233,6 +271,12 @@ fn check_extensions(
                     if bc.ca {
                         return Err(CsrRejection::CaRequested);
                     }
+                    if bc.path_len_constraint.is_some() {
+                        return Err(CsrRejection::PathLenRequested);
+                    }
+                }
+                _ if ext.oid == OID_X509_EXT_SUBJECT_ALT_NAME => {
+                    return Err(CsrRejection::MalformedSan);
                 }
                 _ => {
                     return Err(CsrRejection::ForbiddenExtension {
@@ -246,7 +290,7 @@ fn check_extensions(
         [] => Err(CsrRejection::MissingUriSan),
         [uri] if *uri == expected.to_string() => Ok(()),
         [uri] => Err(CsrRejection::IdentityMismatch {
-            requested: (*uri).to_owned(),
+            requested: super::truncate_echo(uri, MAX_ECHOED_URI).into_owned(),
             expected: expected.to_string(),
         }),
         _ => Err(CsrRejection::MultipleUriSans),
@@ -387,6 +431,102 @@ mod tests {
         assert_eq!(
             check_csr(&"x".repeat(20_000), &id()).unwrap_err(),
             CsrRejection::TooLarge
+        );
+    }
+
+    #[test]
+    fn a_csr_field_must_be_exactly_one_pem_block_with_only_whitespace_around_it() {
+        let key = KeyPair::generate().unwrap();
+        let pem = good(&key);
+        check_csr(&format!("\n  {pem}\r\n\t"), &id()).unwrap();
+        let other = good(&KeyPair::generate().unwrap());
+        assert_eq!(
+            check_csr(&format!("{pem}{other}"), &id()).unwrap_err(),
+            CsrRejection::MultiplePemBlocks
+        );
+        for garbage in [format!("junk\n{pem}"), format!("{pem}junk\n")] {
+            assert_eq!(
+                check_csr(&garbage, &id()).unwrap_err(),
+                CsrRejection::TextAroundPem
+            );
+        }
+    }
+
+    #[test]
+    fn basic_constraints_ca_false_with_a_path_length_is_refused() {
+        let key = KeyPair::generate().unwrap();
+        let mut p = params(vec![uri(&id().to_string())]);
+        // SEQUENCE { INTEGER 0 }: cA defaults to FALSE, pathLenConstraint 0.
+        p.custom_extensions = vec![CustomExtension::from_oid_content(
+            &[2, 5, 29, 19],
+            vec![0x30, 0x03, 0x02, 0x01, 0x00],
+        )];
+        assert_eq!(
+            check_csr(&csr_pem(&p, &key), &id()).unwrap_err(),
+            CsrRejection::PathLenRequested
+        );
+        // CA:FALSE alone stays tolerated.
+        let mut plain = params(vec![uri(&id().to_string())]);
+        plain.is_ca = IsCa::ExplicitNoCa;
+        assert!(check_csr(&csr_pem(&plain, &key), &id()).is_ok());
+    }
+
+    #[test]
+    fn a_malformed_san_is_reported_as_malformed_not_as_a_forbidden_extension() {
+        let key = KeyPair::generate().unwrap();
+        let mut p = params(vec![]);
+        // A SEQUENCE claiming more content than it has.
+        p.custom_extensions = vec![CustomExtension::from_oid_content(
+            &[2, 5, 29, 17],
+            vec![0x30, 0x7f, 0x86, 0x01, 0x41],
+        )];
+        assert_eq!(
+            check_csr(&csr_pem(&p, &key), &id()).unwrap_err(),
+            CsrRejection::MalformedSan
+        );
+    }
+
+    #[test]
+    fn a_long_requested_uri_is_echoed_truncated() {
+        let key = KeyPair::generate().unwrap();
+        let long = format!(
+            "spiffe://cluster.local/ns/default/sa/{}",
+            "a".repeat(10_000)
+        );
+        let err = check_csr(&csr_pem(&params(vec![uri(&long)]), &key), &id()).unwrap_err();
+        assert!(matches!(err, CsrRejection::IdentityMismatch { .. }));
+        assert!(err.to_string().len() < 1024, "{err}");
+    }
+
+    #[test]
+    fn an_rsa_key_with_public_exponent_3_is_refused() {
+        let out = std::process::Command::new("openssl")
+            .args([
+                "req",
+                "-new",
+                "-newkey",
+                "rsa:2048",
+                "-pkeyopt",
+                "rsa_keygen_pubexp:3",
+                "-nodes",
+                "-keyout",
+                "/dev/null",
+                "-subj",
+                "/",
+                "-addext",
+            ])
+            .arg(format!("subjectAltName=URI:{}", id()))
+            .output()
+            .expect("openssl CLI is required for this test");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let pem = String::from_utf8(out.stdout).unwrap();
+        assert_eq!(
+            check_csr(&pem, &id()).unwrap_err(),
+            CsrRejection::RsaExponent
         );
     }
 

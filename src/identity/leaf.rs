@@ -36,22 +36,46 @@ pub fn random_serial() -> SerialNumber {
     SerialNumber::from_slice(&bytes)
 }
 
-/// Certificate parameters for a leaf valid from `now - BACKDATE` for `ttl` after `now`.
+/// Whether `spki_der` (a DER SubjectPublicKeyInfo) holds an RSA key.
+pub fn is_rsa_key(spki_der: &[u8]) -> bool {
+    use x509_parser::prelude::FromDer;
+    x509_parser::x509::SubjectPublicKeyInfo::from_der(spki_der).is_ok_and(|(_, spki)| {
+        spki.algorithm.algorithm == x509_parser::oid_registry::OID_PKCS1_RSAENCRYPTION
+    })
+}
+
+/// The key usages of a leaf for the key `spki_der`: digitalSignature, plus keyEncipherment
+/// for RSA only (RFC 5480 §3 forbids it for ECDSA keys, RFC 8410 §5 for Ed25519).
+pub fn key_usages(spki_der: &[u8]) -> Vec<KeyUsagePurpose> {
+    if is_rsa_key(spki_der) {
+        vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ]
+    } else {
+        vec![KeyUsagePurpose::DigitalSignature]
+    }
+}
+
+/// Certificate parameters for a leaf certifying `spki_der`, valid from `now - BACKDATE` for
+/// `ttl` after `now`.
 ///
-/// Always: CA:FALSE, KU digitalSignature + keyEncipherment, EKU serverAuth + clientAuth, a
-/// random 128-bit serial, SKI and AKI. For workloads the subject is empty, so the URI SAN is
-/// marked critical (RFC 5280 §4.2.1.6).
-pub fn leaf_params(profile: &LeafProfile, now: OffsetDateTime, ttl: Duration) -> CertificateParams {
+/// Always: CA:FALSE, KU from [`key_usages`], EKU serverAuth + clientAuth, a random 128-bit
+/// serial, SKI and AKI. For workloads the subject is empty, so the URI SAN is marked critical
+/// (RFC 5280 §4.2.1.6).
+pub fn leaf_params(
+    profile: &LeafProfile,
+    spki_der: &[u8],
+    now: OffsetDateTime,
+    ttl: Duration,
+) -> CertificateParams {
     let mut p = CertificateParams::default();
     p.distinguished_name = DistinguishedName::new();
     p.not_before = now - BACKDATE;
     p.not_after = now + ttl;
     p.serial_number = Some(random_serial());
     p.is_ca = IsCa::ExplicitNoCa;
-    p.key_usages = vec![
-        KeyUsagePurpose::DigitalSignature,
-        KeyUsagePurpose::KeyEncipherment,
-    ];
+    p.key_usages = key_usages(spki_der);
     p.extended_key_usages = vec![
         ExtendedKeyUsagePurpose::ServerAuth,
         ExtendedKeyUsagePurpose::ClientAuth,
@@ -103,10 +127,40 @@ mod tests {
     fn a_workload_leaf_is_backdated_and_expires_after_the_ttl() {
         let id = SpiffeId::for_service_account("td", "ns", "sa").unwrap();
         let now = OffsetDateTime::now_utc();
-        let p = leaf_params(&LeafProfile::Workload(id), now, Duration::from_secs(3600));
+        let key = rcgen::KeyPair::generate().unwrap();
+        let spki = rcgen::PublicKeyData::subject_public_key_info(&key);
+        let p = leaf_params(
+            &LeafProfile::Workload(id),
+            &spki,
+            now,
+            Duration::from_secs(3600),
+        );
         assert_eq!(p.not_before, now - BACKDATE);
         assert_eq!(p.not_after, now + Duration::from_secs(3600));
         assert!(p.distinguished_name.iter().next().is_none());
         assert_eq!(p.subject_alt_names.len(), 1);
+    }
+
+    #[test]
+    fn only_rsa_leaves_get_key_encipherment() {
+        let rsa =
+            rcgen::KeyPair::generate_rsa_for(&rcgen::PKCS_RSA_SHA256, rcgen::RsaKeySize::_2048)
+                .unwrap();
+        let spki = |k: &rcgen::KeyPair| rcgen::PublicKeyData::subject_public_key_info(k);
+        assert_eq!(
+            key_usages(&spki(&rsa)),
+            [
+                KeyUsagePurpose::DigitalSignature,
+                KeyUsagePurpose::KeyEncipherment
+            ]
+        );
+        for alg in [
+            &rcgen::PKCS_ECDSA_P256_SHA256,
+            &rcgen::PKCS_ECDSA_P384_SHA384,
+            &rcgen::PKCS_ED25519,
+        ] {
+            let key = rcgen::KeyPair::generate_for(alg).unwrap();
+            assert_eq!(key_usages(&spki(&key)), [KeyUsagePurpose::DigitalSignature]);
+        }
     }
 }

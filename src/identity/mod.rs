@@ -5,5 +5,5 @@ mod leaf;
 mod spiffe;
 
 pub use csr::{CsrRejection, KeyKind, ValidatedCsr, check_csr};
-pub use leaf::{LeafProfile, leaf_params, random_serial};
-pub use spiffe::{IdentityError, SpiffeId, uri_sans};
+pub use leaf::{LeafProfile, is_rsa_key, key_usages, leaf_params, random_serial};
+pub use spiffe::{IdentityError, SpiffeId, truncate_echo, uri_sans};

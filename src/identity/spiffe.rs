@@ -137,9 +137,26 @@ pub fn uri_sans<'a>(cert: &x509_parser::certificate::X509Certificate<'a>) -> Vec
         .unwrap_or_default()
 }
 
+/// At most `max` characters of client input, for logs and error messages.
+pub fn truncate_echo(input: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    match input.char_indices().nth(max) {
+        None => input.into(),
+        Some((at, _)) => format!("{}… ({} bytes)", &input[..at], input.len()).into(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn echoed_input_is_truncated_and_says_how_long_it_was() {
+        assert_eq!(truncate_echo("short", 10), "short");
+        let long = "é".repeat(5000);
+        let echoed = truncate_echo(&long, 10);
+        assert!(echoed.starts_with(&"é".repeat(10)));
+        assert!(echoed.ends_with("(10000 bytes)"), "{echoed}");
+    }
 
     #[test]
     fn a_service_account_identity_formats_as_a_spiffe_uri() {

@@ -4,12 +4,14 @@
 
 mod resources;
 mod service;
+mod socket;
 mod stream;
 
 pub use resources::{
     DEFAULT_RESOURCE, ROOT_RESOURCE, Resources, SECRET_TYPE_URL, resources, secret,
 };
-pub use service::{SdsError, SdsMetrics, SdsService, bind_socket, serve};
+pub use service::{SdsError, SdsMetrics, SdsService, bind_socket};
+pub use socket::{CHECK_INTERVAL, SdsSocket, lock_path, serve};
 pub use stream::{RequestKind, StreamState};
 
 /// Where Envoy expects the SDS socket by default (Istio's workload SDS path).

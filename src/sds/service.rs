@@ -3,20 +3,18 @@
 
 use std::io;
 use std::os::unix::fs::FileTypeExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
 };
-use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_server::{
-    SecretDiscoveryService, SecretDiscoveryServiceServer,
-};
+use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_server::SecretDiscoveryService;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 use tokio::net::UnixListener;
 use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::{ReceiverStream, UnixListenerStream};
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::resources::{DEFAULT_RESOURCE, ROOT_RESOURCE, SECRET_TYPE_URL, resources};
@@ -42,6 +40,21 @@ pub enum SdsError {
         /// The path.
         path: String,
     },
+    /// Another live agent holds the socket path (its lock file is locked).
+    #[error("{path} is held by another running agent; refusing to take it over")]
+    InUse {
+        /// The socket path.
+        path: String,
+    },
+    /// The lock file beside the socket could not be created or locked.
+    #[error("cannot lock {path}: {source}")]
+    Lock {
+        /// The lock file.
+        path: String,
+        /// The I/O error.
+        #[source]
+        source: io::Error,
+    },
     /// Binding the socket failed.
     #[error("cannot listen on {path}: {source}")]
     Bind {
@@ -65,6 +78,8 @@ pub struct SdsMetrics {
     pub pushes: Counter,
     /// NACKs received.
     pub nacks: Counter,
+    /// Times the socket file was found deleted or replaced and was recreated.
+    pub socket_recreations: Counter,
 }
 
 impl SdsMetrics {
@@ -84,6 +99,11 @@ impl SdsMetrics {
             "nacks",
             "SDS responses rejected by the client",
             self.nacks.clone(),
+        );
+        registry.register(
+            "socket_recreations",
+            "Times the SDS socket file was found deleted or replaced and was recreated",
+            self.socket_recreations.clone(),
         );
     }
 }
@@ -326,24 +346,6 @@ pub fn bind_socket(path: &Path) -> Result<UnixListener, SdsError> {
     })
 }
 
-/// Serves `service` on `listener` until `shutdown` turns true, then removes the socket file
-/// at `path`. Open streams end at shutdown (see [`SdsService::new`]).
-pub async fn serve(
-    listener: UnixListener,
-    path: PathBuf,
-    service: SdsService,
-    mut shutdown: watch::Receiver<bool>,
-) -> Result<(), SdsError> {
-    let result = tonic::transport::Server::builder()
-        .add_service(SecretDiscoveryServiceServer::new(service))
-        .serve_with_incoming_shutdown(UnixListenerStream::new(listener), async move {
-            let _ = shutdown.wait_for(|s| *s).await;
-        })
-        .await;
-    let _ = std::fs::remove_file(&path);
-    result.map_err(SdsError::Serve)
-}
-
 #[cfg(test)]
 mod tests {
     use std::sync::Arc;
@@ -353,6 +355,7 @@ mod tests {
     use envoy_types::pb::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
     use envoy_types::pb::google::rpc::Status as RpcStatus;
     use hyper_util::rt::TokioIo;
+    use std::path::PathBuf;
     use tokio::net::UnixStream;
     use tonic::transport::{Channel, Endpoint};
 
@@ -381,9 +384,9 @@ mod tests {
         let (svids, rx) = watch::channel(None);
         let (stop, stop_rx) = watch::channel(false);
         let metrics = SdsMetrics::default();
-        let listener = bind_socket(&socket).unwrap();
+        let bound = crate::sds::SdsSocket::bind(&socket).unwrap();
         let service = SdsService::new(rx, metrics.clone(), stop_rx.clone());
-        let server = tokio::spawn(serve(listener, socket.clone(), service, stop_rx));
+        let server = tokio::spawn(crate::sds::serve(bound, service, stop_rx));
         Fixture {
             ca,
             svids,

@@ -11,7 +11,7 @@ use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
 
 use super::Rejection;
-use crate::authn::{Authenticator, AuthnError, Caller};
+use crate::authn::{Authenticator, AuthnError, AuthzError, Caller};
 use crate::identity::{LeafProfile, SpiffeId, check_csr};
 use crate::pem::parse_certs;
 use crate::proto::{IstioCertificateRequest, IstioCertificateResponse, IstioCertificateService};
@@ -44,12 +44,13 @@ impl Durations {
 /// Decides whether an authenticated caller (ztunnel) may obtain a certificate for `target`.
 /// Lives here because the handler consumes it; the Kubernetes node authorizer implements it.
 pub trait ImpersonationAuthorizer: Send + Sync {
-    /// `Ok(())` to allow; `Err(reason)` to deny (the reason is logged, not returned).
+    /// `Ok(())` to allow; [`AuthzError::Denied`] to deny (the reason is logged, not returned);
+    /// [`AuthzError::Unavailable`] when the check could not be made (answered `UNAVAILABLE`).
     fn authorize<'a>(
         &'a self,
         caller: &'a Caller,
         target: &'a SpiffeId,
-    ) -> BoxFuture<'a, Result<(), String>>;
+    ) -> BoxFuture<'a, Result<(), AuthzError>>;
 }
 
 struct Inner {
@@ -193,10 +194,7 @@ impl CaService {
                 "impersonation is not enabled".into(),
             ));
         };
-        authz
-            .authorize(caller, &target)
-            .await
-            .map_err(Rejection::ImpersonationDenied)?;
+        authz.authorize(caller, &target).await?;
         Ok(target)
     }
 }
@@ -243,9 +241,17 @@ fn verify_issued(
     }
 }
 
+/// Longest bearer token accepted; service-account tokens are 1–2 KiB.
+const MAX_TOKEN_BYTES: usize = 16 * 1024;
+
+/// The token of the one `authorization: Bearer` header.
 fn bearer_token(metadata: &MetadataMap) -> Result<&str, Rejection> {
-    let value = metadata
-        .get("authorization")
+    let mut values = metadata.get_all("authorization").iter();
+    let value = values.next();
+    if values.next().is_some() {
+        return Err(Rejection::MultipleAuthorization);
+    }
+    let value = value
         .and_then(|v| v.to_str().ok())
         .ok_or(AuthnError::MissingToken)?;
     let (scheme, token) = value
@@ -255,6 +261,12 @@ fn bearer_token(metadata: &MetadataMap) -> Result<&str, Rejection> {
     let token = token.trim();
     if !scheme.eq_ignore_ascii_case("bearer") || token.is_empty() {
         return Err(AuthnError::MissingToken.into());
+    }
+    if token.len() > MAX_TOKEN_BYTES {
+        return Err(Rejection::TokenTooLarge {
+            len: token.len(),
+            max: MAX_TOKEN_BYTES,
+        });
     }
     Ok(token)
 }
@@ -363,6 +375,27 @@ mod tests {
             );
         }
         assert!(bearer_token(&md(&[])).is_err());
+    }
+
+    #[test]
+    fn two_authorization_headers_are_refused_even_when_both_are_valid() {
+        let mut m = md(&[("authorization", "Bearer abc")]);
+        m.append("authorization", "Bearer abc".parse().unwrap());
+        assert!(matches!(
+            bearer_token(&m),
+            Err(Rejection::MultipleAuthorization)
+        ));
+    }
+
+    #[test]
+    fn a_token_longer_than_any_service_account_token_is_refused_as_too_large() {
+        let long = format!("Bearer {}", "a".repeat(MAX_TOKEN_BYTES + 1));
+        assert!(matches!(
+            bearer_token(&md(&[("authorization", &long)])),
+            Err(Rejection::TokenTooLarge { .. })
+        ));
+        let max = format!("Bearer {}", "a".repeat(MAX_TOKEN_BYTES));
+        assert!(bearer_token(&md(&[("authorization", &max)])).is_ok());
     }
 
     /// Two unrelated self-generated CAs (with the directories that hold them).

@@ -10,19 +10,43 @@ use axum::http::{StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
 
-/// Readiness flag shared between the server and the probe endpoint.
-#[derive(Debug, Clone, Default)]
-pub struct Readiness(Arc<AtomicBool>);
+/// A line of detail appended to the `/readyz` body (it never changes the status).
+pub type ReadinessDetail = Arc<dyn Fn() -> String + Send + Sync>;
+
+/// Readiness flag shared between the server and the probe endpoint, with optional detail lines
+/// (such as the leader Lease state) that are informative only.
+#[derive(Clone, Default)]
+pub struct Readiness {
+    ready: Arc<AtomicBool>,
+    detail: Arc<std::sync::OnceLock<ReadinessDetail>>,
+}
+
+impl std::fmt::Debug for Readiness {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Readiness")
+            .field("ready", &self.get())
+            .finish_non_exhaustive()
+    }
+}
 
 impl Readiness {
     /// Marks the server ready (or not).
     pub fn set(&self, ready: bool) {
-        self.0.store(ready, Ordering::SeqCst);
+        self.ready.store(ready, Ordering::SeqCst);
     }
 
     /// Whether the server is ready.
     pub fn get(&self) -> bool {
-        self.0.load(Ordering::SeqCst)
+        self.ready.load(Ordering::SeqCst)
+    }
+
+    /// Sets (once) what `/readyz` adds after its first line.
+    pub fn set_detail(&self, detail: ReadinessDetail) {
+        let _ = self.detail.set(detail);
+    }
+
+    fn detail(&self) -> String {
+        self.detail.get().map(|d| d()).unwrap_or_default()
     }
 }
 
@@ -42,10 +66,15 @@ pub fn http_router(ready: Readiness, metrics: Arc<dyn Fn() -> String + Send + Sy
 }
 
 async fn readyz(State(s): State<HttpState>) -> impl IntoResponse {
+    let detail = s.ready.detail();
+    let sep = if detail.is_empty() { "" } else { "\n" };
     if s.ready.get() {
-        (StatusCode::OK, "ready")
+        (StatusCode::OK, format!("ready{sep}{detail}"))
     } else {
-        (StatusCode::SERVICE_UNAVAILABLE, "not ready")
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!("not ready{sep}{detail}"),
+        )
     }
 }
 
@@ -57,4 +86,39 @@ async fn metrics_handler(State(s): State<HttpState>) -> impl IntoResponse {
         )],
         (s.metrics)(),
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    async fn readyz_of(ready: &Readiness) -> (StatusCode, String) {
+        let state = HttpState {
+            ready: ready.clone(),
+            metrics: Arc::new(String::new),
+        };
+        let response = readyz(State(state)).await.into_response();
+        let status = response.status();
+        let body = axum::body::to_bytes(response.into_body(), 1 << 16)
+            .await
+            .unwrap();
+        (status, String::from_utf8(body.to_vec()).unwrap())
+    }
+
+    #[tokio::test]
+    async fn the_readiness_detail_is_informative_and_never_changes_the_status() {
+        let ready = Readiness::default();
+        ready.set(true);
+        assert_eq!(readyz_of(&ready).await, (StatusCode::OK, "ready".into()));
+        ready.set_detail(Arc::new(|| "lease l: unknown (cannot be read)".into()));
+        assert_eq!(
+            readyz_of(&ready).await,
+            (
+                StatusCode::OK,
+                "ready\nlease l: unknown (cannot be read)".into()
+            )
+        );
+        ready.set(false);
+        assert_eq!(readyz_of(&ready).await.0, StatusCode::SERVICE_UNAVAILABLE);
+    }
 }

@@ -4,6 +4,7 @@
 mod ca_service;
 mod coalesce;
 mod http;
+mod limits;
 mod rejection;
 mod routes;
 mod tls;
@@ -11,6 +12,10 @@ mod tls;
 pub use ca_service::{CaService, Durations, ImpersonationAuthorizer};
 pub use coalesce::CoalescingIo;
 pub use http::{Readiness, http_router};
+pub use limits::{
+    ConnectionGuard, GuardedListener, HTTP_MAX_CONNECTIONS, Refusals, RequestLimits, ServerLimits,
+    accept_tls, drain_deadline,
+};
 pub use rejection::Rejection;
 pub use routes::GrpcServices;
 pub use tls::{ServingCertResolver, TlsError, serving_config};

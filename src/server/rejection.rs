@@ -3,9 +3,10 @@
 
 use tonic::{Code, Status};
 
-use crate::authn::AuthnError;
+use crate::authn::{AuthnError, AuthzError, BackendError};
 use crate::identity::CsrRejection;
 use crate::signer::SignerError;
+use crate::signer::aws_pca::PcaError;
 use crate::trust::ValidationError;
 
 /// Why CreateCertificate did not issue a certificate.
@@ -15,6 +16,17 @@ pub enum Rejection {
     /// Authentication failed or could not be done.
     #[error("authentication: {0}")]
     Authn(#[from] AuthnError),
+    /// More than one `authorization` header.
+    #[error("more than one authorization header")]
+    MultipleAuthorization,
+    /// The bearer token is longer than any service-account token.
+    #[error("bearer token of {len} bytes exceeds {max} bytes")]
+    TokenTooLarge {
+        /// Its length.
+        len: usize,
+        /// The limit.
+        max: usize,
+    },
     /// The `clusterid` header names another cluster.
     #[error("clusterid {got:?} does not match this cluster")]
     ClusterMismatch {
@@ -24,6 +36,9 @@ pub enum Rejection {
     /// `metadata.ImpersonatedIdentity` was set and the caller may not impersonate it.
     #[error("impersonation denied: {0}")]
     ImpersonationDenied(String),
+    /// The impersonation check could not be made (apiserver unreachable or overloaded).
+    #[error("impersonation check unavailable: {0}")]
+    ImpersonationUnavailable(#[source] BackendError),
     /// The CSR broke the issuance policy.
     #[error("csr: {0}")]
     Csr(#[from] CsrRejection),
@@ -35,15 +50,30 @@ pub enum Rejection {
     ChainVerify(#[from] ValidationError),
 }
 
+impl From<AuthzError> for Rejection {
+    fn from(e: AuthzError) -> Self {
+        match e {
+            AuthzError::Denied(denial) => Self::ImpersonationDenied(denial.to_string()),
+            AuthzError::Unavailable(e) => Self::ImpersonationUnavailable(e),
+        }
+    }
+}
+
 impl Rejection {
     /// A short, stable label for metrics and audit logs.
     pub fn reason(&self) -> &'static str {
         match self {
             Self::Authn(e) => e.reason(),
+            Self::MultipleAuthorization => "multiple_authorization",
+            Self::TokenTooLarge { .. } => "token_too_large",
             Self::ClusterMismatch { .. } => "cluster_mismatch",
             Self::ImpersonationDenied(_) => "impersonation_denied",
+            Self::ImpersonationUnavailable(_) => "impersonation_unavailable",
             Self::Csr(e) => e.reason(),
             Self::Signer(SignerError::Unavailable(_)) => "signer_unavailable",
+            Self::Signer(SignerError::AwsPca(PcaError::LeafMismatch(_))) => {
+                "upstream_leaf_mismatch"
+            }
             Self::Signer(_) => "signer_error",
             Self::ChainVerify(_) => "chain_verify_failed",
         }
@@ -53,16 +83,27 @@ impl Rejection {
     /// backend detail (apiserver errors, file paths, key problems) leaks.
     pub fn to_status(&self) -> Status {
         match self {
-            Self::Authn(AuthnError::Unavailable(_)) => Status::new(
+            Self::Authn(AuthnError::Unavailable(BackendError::Overloaded)) => Status::new(
                 Code::Unavailable,
-                "authentication backend unavailable, retry later",
+                "too many authentications pending, retry later",
             ),
+            Self::Authn(AuthnError::Unavailable(_)) | Self::ImpersonationUnavailable(_) => {
+                Status::new(
+                    Code::Unavailable,
+                    "authentication backend unavailable, retry later",
+                )
+            }
             Self::Authn(
                 e @ (AuthnError::MissingToken
+                | AuthnError::Precheck(_)
                 | AuthnError::Rejected
+                | AuthnError::AudienceNotConfirmed
                 | AuthnError::NotServiceAccount),
             ) => Status::new(Code::Unauthenticated, e.to_string()),
             Self::Authn(e) => Status::new(Code::PermissionDenied, e.to_string()),
+            Self::MultipleAuthorization | Self::TokenTooLarge { .. } => {
+                Status::new(Code::Unauthenticated, self.to_string())
+            }
             Self::ClusterMismatch { .. } => Status::new(
                 Code::PermissionDenied,
                 "clusterid does not match this cluster",
@@ -81,6 +122,11 @@ impl Rejection {
             Self::Signer(SignerError::PublicKey(_)) => {
                 Status::new(Code::InvalidArgument, "unusable public key")
             }
+            Self::Signer(SignerError::AwsPca(PcaError::LeafMismatch(_))) => Status::new(
+                Code::Internal,
+                "certificate issuance failed: the upstream CA returned a certificate that \
+                 differs from the request, and it was not served",
+            ),
             Self::Signer(_) | Self::ChainVerify(_) => {
                 Status::new(Code::Internal, "certificate issuance failed")
             }
@@ -98,12 +144,43 @@ mod tests {
             (AuthnError::MissingToken.into(), Code::Unauthenticated),
             (AuthnError::Rejected.into(), Code::Unauthenticated),
             (
-                AuthnError::Unavailable("dial tcp 10.0.0.1: refused".into()).into(),
+                AuthnError::Unavailable(BackendError::Transport(
+                    "dial tcp 10.0.0.1: refused".into(),
+                ))
+                .into(),
                 Code::Unavailable,
+            ),
+            (
+                AuthnError::Unavailable(BackendError::Overloaded).into(),
+                Code::Unavailable,
+            ),
+            (
+                AuthzError::Unavailable(BackendError::Transport("dial tcp 10.0.0.1".into())).into(),
+                Code::Unavailable,
+            ),
+            (
+                AuthzError::Denied(crate::authn::Denial::PodNotFound).into(),
+                Code::PermissionDenied,
+            ),
+            (
+                AuthnError::Precheck(crate::authn::PrecheckError::Malformed).into(),
+                Code::Unauthenticated,
+            ),
+            (
+                AuthnError::AudienceNotConfirmed.into(),
+                Code::Unauthenticated,
             ),
             (
                 Rejection::ClusterMismatch { got: "x".into() },
                 Code::PermissionDenied,
+            ),
+            (Rejection::MultipleAuthorization, Code::Unauthenticated),
+            (
+                Rejection::TokenTooLarge {
+                    len: 100_000,
+                    max: 16_384,
+                },
+                Code::Unauthenticated,
             ),
             (CsrRejection::Empty.into(), Code::InvalidArgument),
             (
@@ -121,6 +198,16 @@ mod tests {
             (
                 SignerError::Unavailable("ThrottlingException".into()).into(),
                 Code::Unavailable,
+            ),
+            (
+                SignerError::AwsPca(PcaError::LeafMismatch(
+                    crate::signer::aws_pca::LeafMismatch::Subject {
+                        got: "CN=10.0.0.1".into(),
+                        want: "O=td".into(),
+                    },
+                ))
+                .into(),
+                Code::Internal,
             ),
         ];
         for (rejection, code) in cases {

@@ -203,7 +203,7 @@ impl LocalSigner {
     /// Signs synchronously (the cost is one signature with the CA key).
     pub fn sign_now(&self, req: &SignRequest) -> Result<IssuedChain, SignerError> {
         let now = OffsetDateTime::now_utc();
-        let mut params = leaf_params(&req.profile, now, req.ttl);
+        let mut params = leaf_params(&req.profile, &req.spki_der, now, req.ttl);
         if params.not_after > self.ca_not_after {
             params.not_after = self.ca_not_after;
         }

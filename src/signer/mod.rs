@@ -44,14 +44,16 @@ impl SignRequest {
         key: &rcgen::KeyPair,
         ttl: Duration,
     ) -> Result<Self, SignerError> {
-        let policy = crate::identity::leaf_params(&profile, OffsetDateTime::now_utc(), ttl);
+        let spki_der = rcgen::PublicKeyData::subject_public_key_info(key);
+        let policy =
+            crate::identity::leaf_params(&profile, &spki_der, OffsetDateTime::now_utc(), ttl);
         let mut params = rcgen::CertificateParams::default();
         params.distinguished_name = policy.distinguished_name;
         params.subject_alt_names = policy.subject_alt_names;
         let csr = params.serialize_request(key).map_err(SignerError::Sign)?;
         Ok(Self {
             profile,
-            spki_der: rcgen::PublicKeyData::subject_public_key_info(key),
+            spki_der,
             ttl,
             csr_der: Some(csr.der().to_vec()),
         })

@@ -90,6 +90,11 @@ impl ServerMetrics {
             "Unix time at which the root or serving certificate expires",
             cert_expiry.clone(),
         );
+        registry.register(
+            "log_lines_dropped",
+            "Log lines (never audit lines) dropped because the log writer fell behind",
+            super::DroppedLogLines,
+        );
         Self {
             requests,
             issuance_seconds,

@@ -7,5 +7,8 @@ mod metrics;
 mod testing;
 
 pub use json::{JsonFields, JsonLines};
-pub use logging::{LOG_QUEUE_LINES, LogFormat, LogGuard, init_logging, init_logging_to};
+pub use logging::{
+    AUDIT_TARGET, DroppedLogLines, LOG_QUEUE_LINES, LogFormat, LogGuard, dropped_log_lines,
+    init_logging, init_logging_to,
+};
 pub use metrics::{CertLabels, OutcomeLabels, ResultLabels, ServerMetrics};

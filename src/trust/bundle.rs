@@ -54,7 +54,8 @@ impl TrustBundle {
         Self::from_ders(certs)
     }
 
-    /// Builds a bundle from DER roots in order; duplicates are dropped.
+    /// Builds a bundle from DER roots; duplicates are dropped and the rest kept in one
+    /// canonical order (sorted by DER).
     /// Errors: [`TrustError::InvalidBundle`] when there is none or one is not a certificate.
     pub fn from_ders(certs: Vec<CertificateDer<'static>>) -> Result<Self, TrustError> {
         let mut roots: Vec<CertificateDer<'static>> = Vec::new();
@@ -69,6 +70,9 @@ impl TrustBundle {
         if roots.is_empty() {
             return Err(TrustError::InvalidBundle("no roots".into()));
         }
+        // One canonical order (by DER): the same roots are always the same PEM, so a replica
+        // publishing them writes nothing when another one already did.
+        roots.sort_by(|a, b| a.as_ref().cmp(b.as_ref()));
         let anchors = anchors(&roots).map_err(|e| TrustError::InvalidBundle(e.to_string()))?;
         let pem = roots.iter().map(|c| cert_to_pem(c)).collect();
         Ok(Self {
@@ -78,7 +82,7 @@ impl TrustBundle {
         })
     }
 
-    /// The roots, in order.
+    /// The roots, in canonical (DER) order.
     pub fn roots(&self) -> &[CertificateDer<'static>] {
         &self.roots
     }

@@ -5,3 +5,5 @@ pub mod envoy;
 pub mod kube;
 pub mod meshid;
 pub mod moto;
+pub mod proxy;
+pub mod raw_h2;

@@ -18,7 +18,12 @@
 //! [`Flavour::WithSubordinateTemplate`] starts moto with one patch: certificates issued with
 //! `SubordinateCACertificate_PathLen0/V1` get that template's extensions as AWS documents them
 //! (basicConstraints CA:TRUE pathLen 0, keyCertSign + cRLSign + digitalSignature, SKI, AKI),
-//! so intermediate mode can be exercised end to end. Everything else is moto as shipped.
+//! so intermediate mode can be exercised end to end. [`Flavour::Documented`] adds a second
+//! patch: `BlankEndEntityCertificate_APIPassthrough/V1` certificates get the subject and the
+//! extensions given in `ApiPassthrough` (the CSR's subject and SAN only where the API gives
+//! none), plus the template's basicConstraints CA:FALSE, SKI and AKI, as AWS documents. Every
+//! flavour records the body of each `IssueCertificate` request as received
+//! ([`Moto::issue_requests`]), so tests can assert what meshid sent.
 #![allow(dead_code)]
 
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -44,7 +49,92 @@ pub enum Flavour {
     Plain,
     /// moto plus the documented extensions of `SubordinateCACertificate_PathLen0/V1`.
     WithSubordinateTemplate,
+    /// moto plus the documented behaviour of both templates meshid uses:
+    /// `SubordinateCACertificate_PathLen0/V1` and `BlankEndEntityCertificate_APIPassthrough/V1`.
+    Documented,
 }
+
+/// Appends each IssueCertificate request body to the file named by `sys.argv[2]`.
+const JOURNAL_PATCH: &str = r#"
+import json, sys
+from moto.acmpca import responses as _journal_responses
+
+_journal_path = sys.argv[2]
+_journal_shipped = _journal_responses.ACMPCAResponse.issue_certificate
+
+def _journaled_issue_certificate(self):
+    with open(_journal_path, "a") as f:
+        f.write(json.dumps(json.loads(self.body)) + "\n")
+    return _journal_shipped(self)
+
+_journal_responses.ACMPCAResponse.issue_certificate = _journaled_issue_certificate
+"#;
+
+const API_PASSTHROUGH_PATCH: &str = r#"
+import base64, json, threading
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, ObjectIdentifier
+from moto.acmpca import models as _pt_models, responses as _pt_responses
+
+BLANK = "arn:aws:acm-pca:::template/BlankEndEntityCertificate_APIPassthrough/V1"
+_pt = threading.local()
+_pt_issue = _pt_responses.ACMPCAResponse.issue_certificate
+_pt_generate = _pt_models.CertificateAuthority.generate_cert
+_pt_extensions = _pt_models.CertificateAuthority._x509_extensions
+
+def _issue_with_passthrough(self):
+    params = json.loads(self.body)
+    _pt.value = params.get("ApiPassthrough") if params.get("TemplateArn") == BLANK else None
+    try:
+        return _pt_issue(self)
+    finally:
+        _pt.value = None
+
+def _generate_with_subject(self, subject, public_key, extensions):
+    given = (getattr(_pt, "value", None) or {}).get("Subject")
+    if given:
+        names = [("Organization", NameOID.ORGANIZATION_NAME), ("CommonName", NameOID.COMMON_NAME)]
+        subject = x509.Name([x509.NameAttribute(oid, given[k]) for k, oid in names if k in given])
+    return _pt_generate(self, subject, public_key, extensions)
+
+def _extensions_with_passthrough(self, csr, template_arn):
+    shipped = _pt_extensions(self, csr, template_arn)
+    if template_arn != BLANK:
+        return shipped
+    given = (getattr(_pt, "value", None) or {}).get("Extensions", {})
+    out = [
+        (x509.BasicConstraints(ca=False, path_length=None), True),
+        (x509.SubjectKeyIdentifier.from_public_key(csr.public_key()), False),
+        (x509.AuthorityKeyIdentifier.from_issuer_public_key(self.key.public_key()), False),
+    ]
+    ku = given.get("KeyUsage")
+    if ku:
+        out.append((x509.KeyUsage(
+            digital_signature=ku.get("DigitalSignature", False),
+            content_commitment=ku.get("NonRepudiation", False),
+            key_encipherment=ku.get("KeyEncipherment", False),
+            data_encipherment=ku.get("DataEncipherment", False),
+            key_agreement=False, key_cert_sign=ku.get("KeyCertSign", False),
+            crl_sign=ku.get("CRLSign", False), encipher_only=False, decipher_only=False), True))
+    purposes = {"SERVER_AUTH": ExtendedKeyUsageOID.SERVER_AUTH,
+                "CLIENT_AUTH": ExtendedKeyUsageOID.CLIENT_AUTH}
+    ekus = [purposes[e["ExtendedKeyUsageType"]] for e in given.get("ExtendedKeyUsage", [])]
+    if ekus:
+        out.append((x509.ExtendedKeyUsage(ekus), False))
+    api_san = False
+    for c in given.get("CustomExtensions", []):
+        api_san = api_san or c["ObjectIdentifier"] == "2.5.29.17"
+        value = x509.UnrecognizedExtension(ObjectIdentifier(c["ObjectIdentifier"]),
+                                           base64.b64decode(c["Value"]))
+        out.append((value, c.get("Critical", False)))
+    if not api_san:
+        out += [(e, c) for e, c in shipped if isinstance(e, x509.SubjectAlternativeName)]
+    return out
+
+_pt_responses.ACMPCAResponse.issue_certificate = _issue_with_passthrough
+_pt_models.CertificateAuthority.generate_cert = _generate_with_subject
+_pt_models.CertificateAuthority._x509_extensions = _extensions_with_passthrough
+"#;
 
 const SUBORDINATE_PATCH: &str = r#"
 from cryptography import x509
@@ -82,6 +172,7 @@ pub struct Moto {
     /// `http://127.0.0.1:<port>`.
     pub endpoint: String,
     log: tempfile::NamedTempFile,
+    journal: tempfile::NamedTempFile,
 }
 
 impl Drop for Moto {
@@ -150,12 +241,21 @@ impl Moto {
             .expect("free port")
             .port();
         let script = match flavour {
-            Flavour::Plain => RUN.to_owned(),
-            Flavour::WithSubordinateTemplate => format!("{SUBORDINATE_PATCH}{RUN}"),
+            Flavour::Plain => format!("{JOURNAL_PATCH}{RUN}"),
+            Flavour::WithSubordinateTemplate => format!("{SUBORDINATE_PATCH}{JOURNAL_PATCH}{RUN}"),
+            Flavour::Documented => {
+                format!("{SUBORDINATE_PATCH}{API_PASSTHROUGH_PATCH}{JOURNAL_PATCH}{RUN}")
+            }
         };
         let log = tempfile::NamedTempFile::new().expect("log file");
+        let journal = tempfile::NamedTempFile::new().expect("journal file");
         let child = Command::new(python())
-            .args(["-c", &script, &port.to_string()])
+            .args([
+                "-c",
+                &script,
+                &port.to_string(),
+                journal.path().to_str().expect("journal path"),
+            ])
             .stdin(Stdio::null())
             .stdout(log.as_file().try_clone().expect("log"))
             .stderr(log.as_file().try_clone().expect("log"))
@@ -165,6 +265,7 @@ impl Moto {
             child,
             endpoint: format!("http://127.0.0.1:{port}"),
             log,
+            journal,
         };
         let addr: SocketAddr = ([127, 0, 0, 1], port).into();
         let deadline = Instant::now() + Duration::from_secs(30);
@@ -180,6 +281,24 @@ impl Moto {
             std::thread::sleep(Duration::from_millis(100));
         }
         Some(moto)
+    }
+
+    /// Every `IssueCertificate` request body moto received so far, in order, as JSON.
+    pub fn issue_requests(&self) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(self.journal.path())
+            .unwrap_or_default()
+            .lines()
+            .map(|l| serde_json::from_str(l).expect("journal line"))
+            .collect()
+    }
+
+    /// The `IssueCertificate` requests not made by this harness (which issues each CA's own
+    /// root with `RootCACertificate/V1`): what meshid asked for.
+    pub fn meshid_issue_requests(&self) -> Vec<serde_json::Value> {
+        self.issue_requests()
+            .into_iter()
+            .filter(|r| r["TemplateArn"] != "arn:aws:acm-pca:::template/RootCACertificate/V1")
+            .collect()
     }
 
     /// What moto printed so far.

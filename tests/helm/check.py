@@ -329,7 +329,10 @@ def check_rbac(objects: list[dict[str, Any]], v: dict[str, Any], release: str, n
     expect(len(lease_roles) == (1 if controllers_enabled(v) else 0), "leader-election Role iff a controller is on")
     want_lease_rules = {("coordination.k8s.io", "leases", "*", "create"),
                         ("coordination.k8s.io", "leases", lease, "get"),
-                        ("coordination.k8s.io", "leases", lease, "update")}
+                        ("coordination.k8s.io", "leases", lease, "update"),
+                        ("", "configmaps", "*", "create"),
+                        ("", "configmaps", f"{lease}-signing-roots", "get"),
+                        ("", "configmaps", f"{lease}-signing-roots", "patch")}
     for role in lease_roles:
         expect(rule_set(role["rules"]) == want_lease_rules, f"leader-election Role {role['rules']}")
     istiod_roles = [r for r in kinds(objects, "Role") if r["metadata"]["name"] == f"{name}-istiod-cert"]
@@ -381,6 +384,8 @@ def check_config_file(objects: list[dict[str, Any]], v: dict[str, Any], release:
     expect(cfg["trusted-node-accounts"] == v["ztunnel"]["trustedNodeAccounts"], "trusted-node-accounts")
     if controllers_enabled(v):
         expect(cfg["leader-election-namespace"] == namespace, "leader election in the release namespace")
+        expect(cfg["signing-roots-interval"] == v["leaderElection"]["signingRootsInterval"]
+               and cfg["signing-roots-grace"] == v["leaderElection"]["signingRootsGrace"], "signing-roots registry timing")
     else:
         expect("lease-name" not in cfg, "no lease settings without controllers")
     if v["servingCert"]["secretName"]:
@@ -566,6 +571,14 @@ def access_plan(api: k8s.ApiClient, v: dict[str, Any], ns: str, workload_ns: str
     a.deny(f"get lease {ns}/someone-elses-lease", lambda: coord.read_namespaced_lease("someone-elses-lease", ns))
     a.deny(f"create lease in {workload_ns}", lambda: coord.create_namespaced_lease(workload_ns, lease_body(lease)))
     a.deny(f"delete lease {ns}/{lease}", lambda: coord.delete_namespaced_lease(lease, ns))
+
+    # The signing-roots registry: one ConfigMap next to the Lease, patched key by key.
+    registry = f"{lease}-signing-roots"
+    lease_allowed(f"create configmap {ns}/{registry}", lambda: core.create_namespaced_config_map(
+        ns, k8s.V1ConfigMap(metadata=k8s.V1ObjectMeta(name=registry), data={})))
+    lease_allowed(f"patch configmap {ns}/{registry}", lambda: core.patch_namespaced_config_map(
+        registry, ns, {"data": {"meshid-0": "{}"}}))
+    lease_allowed(f"get configmap {ns}/{registry}", lambda: core.read_namespaced_config_map(registry, ns))
 
     # Root distribution: istio-ca-root-cert in another namespace.
     cm_calls = {

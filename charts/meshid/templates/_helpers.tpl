@@ -103,6 +103,8 @@ This is the only place meshid settings are rendered. */}}
 {{- if or $v.rootConfigMap.enabled $v.istiodCert.enabled }}
 {{- $_ := set $c "leader-election-namespace" .Release.Namespace }}
 {{- $_ := set $c "lease-name" (include "meshid.leaseName" .) }}
+{{- $_ := set $c "signing-roots-interval" $v.leaderElection.signingRootsInterval }}
+{{- $_ := set $c "signing-roots-grace" $v.leaderElection.signingRootsGrace }}
 {{- end }}
 {{- if eq $v.signer.type "local" }}
 {{- $_ := set $c "ca-cert" (printf "/etc/meshid/ca/%s" $v.signer.local.certKey) }}

@@ -101,12 +101,23 @@ pub struct CustomExtension {
     pub critical: bool,
 }
 
+/// `ApiPassthrough.Subject`: the subject meshid decides. Always sent, because the
+/// `APIPassthrough` template copies the CSR's subject whenever the API gives none, and an
+/// empty `ASN1Subject` cannot be expressed.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Subject {
+    /// `Organization` (at most 64 characters).
+    pub organization: String,
+    /// `CommonName` (at most 64 characters), if any.
+    pub common_name: Option<String>,
+}
+
 /// `IssueCertificate.ApiPassthrough`: the certificate content we decide (used with an
 /// `APIPassthrough` template, so only the key is taken from the CSR).
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct ApiPassthrough {
-    /// `Subject.CommonName`; `None` leaves the subject to the template.
-    pub subject_common_name: Option<String>,
+    /// `Subject`.
+    pub subject: Subject,
     /// `Extensions.KeyUsage`.
     pub key_usage: KeyUsage,
     /// `Extensions.ExtendedKeyUsage`.

@@ -4,9 +4,9 @@ use std::sync::Arc;
 
 use rustls_pki_types::CertificateDer;
 use time::OffsetDateTime;
-use x509_parser::prelude::{FromDer, X509Certificate};
 
 use super::PcaError;
+use super::check::check_leaf;
 use super::limit::{Admission, SingleFlight};
 use super::request::{coalescing_key, leaf_issue_request, split_chain};
 use super::upstream::Upstream;
@@ -14,11 +14,13 @@ use crate::pem::parse_certs;
 use crate::signer::{BoxFuture, IssuedChain, Provenance, SignRequest, Signer, SignerError};
 
 /// Issues every certificate through PCA (`BlankEndEntityCertificate_APIPassthrough`), with
-/// our policy in `ApiPassthrough`. Identical concurrent requests are coalesced; at most
-/// `max_pending` requests wait for PCA, the rest are refused as unavailable.
+/// our policy in `ApiPassthrough`, and serves a leaf only once it matches that policy exactly
+/// ([`check_leaf`]). Identical concurrent requests are coalesced; at most `max_pending`
+/// requests wait for PCA, the rest are refused as unavailable.
 pub struct DirectSigner {
     upstream: Arc<Upstream>,
     signing_algorithm: &'static str,
+    organization: String,
     roots: Vec<CertificateDer<'static>>,
     roots_pem: Vec<String>,
     admission: Admission,
@@ -36,10 +38,12 @@ impl std::fmt::Debug for DirectSigner {
 }
 
 impl DirectSigner {
-    /// A signer for the CA behind `upstream`, whose chains end in `roots`.
+    /// A signer for the CA behind `upstream`, whose chains end in `roots`; every leaf's
+    /// subject is `O=<organization>` (plus `CN=<host>` for server certificates).
     pub fn new(
         upstream: Arc<Upstream>,
         signing_algorithm: &'static str,
+        organization: String,
         roots: Vec<CertificateDer<'static>>,
         max_pending: usize,
     ) -> Self {
@@ -47,6 +51,7 @@ impl DirectSigner {
         Self {
             upstream,
             signing_algorithm,
+            organization,
             roots,
             roots_pem,
             admission: Admission::new(max_pending),
@@ -55,7 +60,8 @@ impl DirectSigner {
     }
 
     /// Issues `req` through PCA. Errors: [`PcaError::CsrRequired`] without a CSR,
-    /// [`PcaError::QueueFull`] when too many requests wait, and PCA failures.
+    /// [`PcaError::QueueFull`] when too many requests wait, [`PcaError::LeafMismatch`] when
+    /// PCA's leaf is not exactly what was asked for, and PCA failures.
     pub async fn issue(&self, req: &SignRequest) -> Result<IssuedChain, PcaError> {
         let csr_der = req.csr_der.as_deref().ok_or(PcaError::CsrRequired)?;
         let Some(_slot) = self.admission.try_admit() else {
@@ -78,21 +84,17 @@ impl DirectSigner {
             self.upstream.ca_arn(),
             self.signing_algorithm,
             &req.profile,
+            &self.organization,
             csr_der,
             req.ttl,
             OffsetDateTime::now_utc(),
         );
         let got = self.upstream.issue(&issue, "leaf").await?;
         let split = split_chain(&got, &self.roots)?;
-        // PCA takes the key from the CSR; make sure it is the key policy approved.
         let leaf = parse_certs(&split.leaf_pem)
             .map_err(|e| PcaError::InvalidCertificate(e.to_string()))?;
-        let (_, cert) = X509Certificate::from_der(leaf[0].as_ref())
-            .map_err(|e| PcaError::InvalidCertificate(e.to_string()))?;
-        if cert.public_key().raw != req.spki_der.as_slice() {
-            return Err(PcaError::InvalidCertificate(
-                "the issued certificate certifies another key".into(),
-            ));
+        if let Some(asked) = &issue.api_passthrough {
+            check_leaf(leaf[0].as_ref(), asked, &req.spki_der).map_err(PcaError::LeafMismatch)?;
         }
         Ok(IssuedChain {
             leaf_pem: split.leaf_pem,

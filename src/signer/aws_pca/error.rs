@@ -39,6 +39,14 @@ pub enum PcaError {
         /// The requested lifetime, humanized.
         requested: String,
     },
+    /// PCA returned a leaf that is not what meshid asked for (direct mode); it is not served.
+    #[error("the certificate AWS Private CA returned differs from the request: {0}")]
+    LeafMismatch(#[source] super::check::LeafMismatch),
+    /// Direct mode puts the trust domain in the subject's O, which PCA limits to 64 characters.
+    #[error(
+        "--trust-domain {0:?} is longer than 64 characters, PCA's limit for the subject O that direct mode sets"
+    )]
+    TrustDomainTooLong(String),
     /// PCA returned something that is not a usable certificate or chain.
     #[error("unusable certificate: {0}")]
     InvalidCertificate(String),
@@ -56,8 +64,11 @@ pub enum PcaError {
     /// Direct mode needs the workload's CSR, and none was given.
     #[error("the request carries no CSR; AWS Private CA needs one")]
     CsrRequired,
-    /// meshid's intermediate is expired and renewing it keeps failing.
-    #[error("the PCA-issued intermediate expired and could not be renewed")]
+    /// meshid's intermediate is expired, or expires sooner than the leaf floor, and renewing
+    /// it keeps failing.
+    #[error(
+        "the PCA-issued intermediate expired (or expires within the leaf floor) and could not be renewed"
+    )]
     IntermediateExpired,
     /// A local step failed (key generation, CSR encoding, building the intermediate signer).
     #[error("{0}")]

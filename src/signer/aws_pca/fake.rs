@@ -60,6 +60,11 @@ pub struct FakePca {
     tokens: Mutex<HashMap<String, String>>,
     /// How long each IssueCertificate takes.
     pub issue_delay: Mutex<Duration>,
+    /// Copy the CSR's subject into leaves and ignore `ApiPassthrough.Subject` (what moto does,
+    /// and what a template falling back to the CSR would do).
+    pub copy_csr_subject: std::sync::atomic::AtomicBool,
+    /// How far before issuance notBefore is set (PCA: one hour).
+    pub backdate: Mutex<Duration>,
 }
 
 impl FakePca {
@@ -82,6 +87,8 @@ impl FakePca {
             certificates: Mutex::new(HashMap::new()),
             tokens: Mutex::new(HashMap::new()),
             issue_delay: Mutex::new(Duration::ZERO),
+            copy_csr_subject: Default::default(),
+            backdate: Mutex::new(Duration::ZERO),
         }
     }
 
@@ -163,7 +170,7 @@ impl FakePca {
         let mut p = CertificateParams::default();
         p.distinguished_name = DistinguishedName::new();
         p.serial_number = Some(random_serial());
-        p.not_before = now;
+        p.not_before = now - *self.backdate.lock().unwrap();
         p.not_after = match req.validity.kind {
             ValidityKind::Days => now + Duration::from_secs(req.validity.value as u64 * 86_400),
             ValidityKind::Absolute => OffsetDateTime::from_unix_timestamp(req.validity.value)
@@ -174,8 +181,26 @@ impl FakePca {
             LEAF_TEMPLATE_ARN => {
                 p.is_ca = IsCa::ExplicitNoCa;
                 let pt = req.api_passthrough.clone().unwrap_or_default();
-                if let Some(cn) = &pt.subject_common_name {
-                    p.distinguished_name.push(DnType::CommonName, cn.as_str());
+                if self
+                    .copy_csr_subject
+                    .load(std::sync::atomic::Ordering::Relaxed)
+                {
+                    for attr in csr.certification_request_info.subject.iter_attributes() {
+                        if let Ok(v) = attr.as_str() {
+                            p.distinguished_name.push(
+                                DnType::from_oid(
+                                    &attr.attr_type().iter().unwrap().collect::<Vec<_>>(),
+                                ),
+                                v,
+                            );
+                        }
+                    }
+                } else {
+                    p.distinguished_name
+                        .push(DnType::OrganizationName, pt.subject.organization.as_str());
+                    if let Some(cn) = &pt.subject.common_name {
+                        p.distinguished_name.push(DnType::CommonName, cn.as_str());
+                    }
                 }
                 if pt.key_usage.digital_signature {
                     p.key_usages.push(KeyUsagePurpose::DigitalSignature);

@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus_client::metrics::gauge::Gauge;
+use rcgen::KeyPair;
 use time::OffsetDateTime;
 use tokio::sync::watch;
 
@@ -24,11 +25,56 @@ use crate::trust::TrustBundle;
 
 /// Renewal starts this long before the last moment a full-length leaf could still be issued.
 pub const RENEW_MARGIN: Duration = Duration::from_secs(3600);
-/// Delays between failed renewal attempts.
+/// How far before issuance PCA sets a certificate's notBefore.
+pub const PCA_BACKDATE: Duration = Duration::from_secs(3600);
+/// The settings must not let meshid mint intermediates more often than this.
+pub const MIN_RENEWAL_INTERVAL: Duration = Duration::from_secs(3600);
+/// No leaf is cut shorter than this (or than its requested lifetime, if shorter) by the
+/// intermediate's expiry: once the intermediate expires sooner, signing is unavailable until
+/// it is renewed. Renewal starts at least `--max-ttl` + [`RENEW_MARGIN`] before expiry, so this
+/// is reached only after PCA has failed for over an hour.
+pub const LEAF_FLOOR: Duration = Duration::from_secs(600);
+/// Delays between failed renewal attempts while the intermediate can still sign.
 const RETRY: Backoff = Backoff {
     base: Duration::from_secs(10),
     cap: Duration::from_secs(600),
 };
+/// Delays between failed renewal attempts once it cannot (expired, or within [`LEAF_FLOOR`] of
+/// expiry): signing is down, so PCA's return must be noticed within seconds.
+const URGENT_RETRY: Backoff = Backoff {
+    base: Duration::from_secs(1),
+    cap: Duration::from_secs(5),
+};
+
+/// The time from one intermediate's issuance to its renewal for the settings `ttl` and
+/// `max_leaf_ttl`, counting PCA's notBefore backdating ([`PCA_BACKDATE`]), which moves
+/// half-life earlier: the shortest interval at which meshid mints intermediates.
+pub fn renewal_interval(ttl: Duration, max_leaf_ttl: Duration) -> Duration {
+    let issued = OffsetDateTime::UNIX_EPOCH + Duration::from_secs(10 * 365 * 86_400);
+    let at = renew_at(issued - PCA_BACKDATE, issued + ttl, max_leaf_ttl);
+    Duration::try_from(at - issued).unwrap_or(Duration::ZERO)
+}
+
+/// The shortest `--pca-intermediate-ttl` allowed with `--max-ttl` = `max_leaf_ttl`: twice the
+/// leaf lifetime (so renewal never cuts a leaf short), and long enough that
+/// [`renewal_interval`] is at least [`MIN_RENEWAL_INTERVAL`].
+pub fn min_intermediate_ttl(max_leaf_ttl: Duration) -> Duration {
+    // renewal_interval = max(ttl - max_leaf_ttl - RENEW_MARGIN, (ttl - PCA_BACKDATE) / 2).
+    let by_rate = (max_leaf_ttl + RENEW_MARGIN + MIN_RENEWAL_INTERVAL)
+        .min(PCA_BACKDATE + MIN_RENEWAL_INTERVAL * 2);
+    (max_leaf_ttl * 2).max(by_rate)
+}
+
+/// How long to wait before renewal attempt `failures + 1`, at `now`, for an intermediate
+/// expiring at `not_after`: the usual backoff while it can still sign (never sleeping past the
+/// moment it stops), then at most a few seconds.
+pub fn retry_delay(failures: u32, now: OffsetDateTime, not_after: OffsetDateTime) -> Duration {
+    let stops_signing = not_after - LEAF_FLOOR;
+    match Duration::try_from(stops_signing - now) {
+        Ok(left) if !left.is_zero() => RETRY.jittered(failures).min(left),
+        _ => URGENT_RETRY.jittered(failures),
+    }
+}
 
 /// When to replace an intermediate valid from `not_before` to `not_after`, given the longest
 /// leaf we issue: early enough that every leaf signed before then gets its full lifetime
@@ -75,20 +121,23 @@ impl std::fmt::Debug for Minted {
     }
 }
 
-/// Generates a key, has PCA certify it as a subordinate CA and checks the result: the key
-/// matches, it is a CA with keyCertSign, and its path validates against `bundle` now
+/// Has PCA certify `key` (whose CSR is `csr_der`) as a subordinate CA and checks the result:
+/// the key matches, it is a CA with keyCertSign, and its path validates against `bundle` now
 /// ([`LocalSigner::from_pem`] checks all of it with `trust::validate_chain`). Nothing is
-/// published here.
+/// published here. Retrying with the same key and CSR reuses the idempotency token, so a
+/// certificate PCA already issued (e.g. when `GetCertificate` failed) is returned instead of a
+/// second one.
 pub async fn mint(
     upstream: &Upstream,
     settings: &IntermediateSettings,
     bundle: &TrustBundle,
+    key: &KeyPair,
+    csr_der: &[u8],
 ) -> Result<Minted, PcaError> {
-    let (key, csr_der) = intermediate_csr(&settings.trust_domain)?;
     let req = intermediate_issue_request(
         upstream.ca_arn(),
         settings.signing_algorithm,
-        &csr_der,
+        csr_der,
         settings.ttl,
         OffsetDateTime::now_utc(),
     );
@@ -136,7 +185,9 @@ impl Signer for IntermediateSigner {
     fn sign(&self, req: SignRequest) -> BoxFuture<'_, Result<IssuedChain, SignerError>> {
         let current = self.current.borrow().clone();
         Box::pin(async move {
-            if current.ca_not_after() <= OffsetDateTime::now_utc() {
+            // Leaves are cut at the intermediate's expiry; never below the floor.
+            let floor = req.ttl.min(LEAF_FLOOR);
+            if current.ca_not_after() - OffsetDateTime::now_utc() < floor {
                 return Err(PcaError::IntermediateExpired.into());
             }
             current.sign_now(&req)
@@ -153,6 +204,8 @@ pub struct IntermediateRenewal {
     not_before: OffsetDateTime,
     not_after: OffsetDateTime,
     expiry: Option<Gauge>,
+    /// The key (and CSR) of a renewal that failed, reused until one succeeds.
+    pending: Option<(KeyPair, Vec<u8>)>,
 }
 
 impl std::fmt::Debug for IntermediateRenewal {
@@ -172,7 +225,8 @@ pub async fn start(
     bundle: TrustBundle,
     expiry: Option<Gauge>,
 ) -> Result<(IntermediateSigner, IntermediateRenewal), PcaError> {
-    let first = mint(&upstream, &settings, &bundle).await?;
+    let (key, csr_der) = intermediate_csr(&settings.trust_domain)?;
+    let first = mint(&upstream, &settings, &bundle, &key, &csr_der).await?;
     tracing::info!(
         serial = %first.serial_hex,
         not_after = %first.not_after,
@@ -197,6 +251,7 @@ pub async fn start(
             not_before: first.not_before,
             not_after: first.not_after,
             expiry,
+            pending: None,
         },
     ))
 }
@@ -207,9 +262,20 @@ impl IntermediateRenewal {
         renew_at(self.not_before, self.not_after, self.settings.max_leaf_ttl)
     }
 
-    /// Mints the next intermediate and, once it verified, switches signing to it.
+    /// Mints the next intermediate and, once it verified, switches signing to it. After a
+    /// failure the next call reuses the same key and CSR (and so the idempotency token).
     pub async fn renew_now(&mut self) -> Result<(), PcaError> {
-        let next = mint(&self.upstream, &self.settings, &self.bundle).await?;
+        let (key, csr_der) = match self.pending.take() {
+            Some(pending) => pending,
+            None => intermediate_csr(&self.settings.trust_domain)?,
+        };
+        let next = match mint(&self.upstream, &self.settings, &self.bundle, &key, &csr_der).await {
+            Ok(next) => next,
+            Err(e) => {
+                self.pending = Some((key, csr_der));
+                return Err(e);
+            }
+        };
         self.not_before = next.not_before;
         self.not_after = next.not_after;
         if let Some(g) = &self.expiry {
@@ -249,7 +315,8 @@ impl IntermediateRenewal {
                             not_after = %self.not_after,
                             "renewing the PCA-issued intermediate failed; retrying"
                         );
-                        let delay = RETRY.jittered(failures);
+                        let delay =
+                            retry_delay(failures, OffsetDateTime::now_utc(), self.not_after);
                         failures = failures.saturating_add(1);
                         tokio::select! {
                             _ = shutdown.wait_for(|s| *s) => return,

@@ -11,6 +11,7 @@
 //! retries with jittered backoff and metrics ([`upstream`]). See `docs/aws-pca.md`.
 
 pub mod api;
+mod check;
 mod direct;
 mod error;
 #[cfg(test)]
@@ -27,6 +28,7 @@ mod tests;
 mod upstream;
 
 pub use api::{ApiError, PcaApi};
+pub use check::{LeafMismatch, check_leaf};
 pub use direct::DirectSigner;
 pub use error::PcaError;
 pub use intermediate::{IntermediateRenewal, IntermediateSigner};

@@ -13,14 +13,15 @@ use x509_parser::prelude::{FromDer, X509Certificate};
 use super::PcaError;
 use super::api::{
     ApiPassthrough, CertificateAndChain, CustomExtension, ExtendedKeyUsage, IssueRequest, KeyUsage,
-    Validity, ValidityKind,
+    Subject, Validity, ValidityKind,
 };
 use crate::identity::LeafProfile;
 use crate::pem::{cert_to_pem, parse_certs};
 
 /// Template for workload leaves: basicConstraints CA:FALSE from the template, everything else
 /// (SAN, key usage, extended key usage, subject) from `ApiPassthrough`; only the key is taken
-/// from the CSR.
+/// from the CSR. The template falls back to the CSR for the subject and the SAN when
+/// `ApiPassthrough` lacks them, so meshid always sends both.
 pub const LEAF_TEMPLATE_ARN: &str =
     "arn:aws:acm-pca:::template/BlankEndEntityCertificate_APIPassthrough/V1";
 /// Template for meshid's own signing intermediate: CA:TRUE, pathLen 0, so it can sign leaves
@@ -183,17 +184,27 @@ fn names(profile: &LeafProfile) -> (Option<String>, Vec<SanName>) {
     }
 }
 
-/// `ApiPassthrough` for a leaf: KU digitalSignature + keyEncipherment, EKU serverAuth +
-/// clientAuth, the SAN as a custom extension (PCA's own SubjectAlternativeNames field is always
-/// non-critical) that is critical when the subject is empty (RFC 5280 §4.2.1.6).
-pub fn leaf_passthrough(profile: &LeafProfile) -> ApiPassthrough {
+/// `ApiPassthrough` for a leaf: the subject `O=<organization>` (plus `CN=<host>` for a server
+/// certificate), never the CSR's; KU digitalSignature, plus keyEncipherment for an RSA key only
+/// (as [`crate::identity::key_usages`]); EKU serverAuth + clientAuth; the SAN as a custom
+/// extension (PCA's own SubjectAlternativeNames field is always non-critical), critical for
+/// workloads, whose identity is the SAN alone (as for the local signer's empty-subject leaves,
+/// RFC 5280 §4.2.1.6).
+pub fn leaf_passthrough(
+    profile: &LeafProfile,
+    organization: &str,
+    rsa_key: bool,
+) -> ApiPassthrough {
     let (cn, sans) = names(profile);
     let critical = cn.is_none();
     ApiPassthrough {
-        subject_common_name: cn,
+        subject: Subject {
+            organization: organization.to_owned(),
+            common_name: cn,
+        },
         key_usage: KeyUsage {
             digital_signature: true,
-            key_encipherment: true,
+            key_encipherment: rsa_key,
         },
         extended_key_usage: vec![ExtendedKeyUsage::ServerAuth, ExtendedKeyUsage::ClientAuth],
         custom_extensions: vec![CustomExtension {
@@ -211,11 +222,12 @@ pub fn csr_pem(csr_der: &[u8]) -> Vec<u8> {
         .into_bytes()
 }
 
-/// The `IssueCertificate` request for a leaf.
+/// The `IssueCertificate` request for a leaf; `organization` is the subject's O.
 pub fn leaf_issue_request(
     ca_arn: &str,
     signing_algorithm: &'static str,
     profile: &LeafProfile,
+    organization: &str,
     csr_der: &[u8],
     ttl: Duration,
     now: OffsetDateTime,
@@ -229,11 +241,23 @@ pub fn leaf_issue_request(
         idempotency_token: idempotency_token(
             LEAF_TEMPLATE_ARN,
             csr_der,
-            &profile_names(profile),
+            &format!("O={organization} {}", profile_names(profile)),
             ttl,
         ),
-        api_passthrough: Some(leaf_passthrough(profile)),
+        api_passthrough: Some(leaf_passthrough(
+            profile,
+            organization,
+            csr_key_is_rsa(csr_der),
+        )),
     }
+}
+
+/// Whether the key of the DER CSR `csr_der` is RSA (false when it does not parse).
+fn csr_key_is_rsa(csr_der: &[u8]) -> bool {
+    use x509_parser::prelude::FromDer;
+    x509_parser::certification_request::X509CertificationRequest::from_der(csr_der).is_ok_and(
+        |(_, csr)| crate::identity::is_rsa_key(csr.certification_request_info.subject_pki.raw),
+    )
 }
 
 /// A fresh ECDSA P-256 key for meshid's intermediate and its CSR (DER), subject
@@ -455,6 +479,7 @@ mod tests {
             "arn:ca",
             "SHA256WITHECDSA",
             &workload(),
+            "td",
             b"\x30\x00",
             Duration::from_secs(3600),
             now,
@@ -466,8 +491,14 @@ mod tests {
                 .starts_with("-----BEGIN CERTIFICATE REQUEST-----\n")
         );
         let pt = req.api_passthrough.unwrap();
-        assert_eq!(pt.subject_common_name, None);
-        assert!(pt.key_usage.digital_signature && pt.key_usage.key_encipherment);
+        assert_eq!(
+            pt.subject,
+            Subject {
+                organization: "td".into(),
+                common_name: None
+            }
+        );
+        assert!(pt.key_usage.digital_signature && !pt.key_usage.key_encipherment);
         assert_eq!(
             pt.extended_key_usage,
             vec![ExtendedKeyUsage::ServerAuth, ExtendedKeyUsage::ClientAuth]
@@ -493,8 +524,44 @@ mod tests {
             hosts: vec!["10.0.0.1".into(), "meshid.svc".into()],
             spiffe: None,
         };
-        let pt = leaf_passthrough(&profile);
-        assert_eq!(pt.subject_common_name.as_deref(), Some("meshid.svc"));
+        let pt = leaf_passthrough(&profile, "td", true);
+        assert!(pt.key_usage.key_encipherment);
+        assert_eq!(pt.subject.organization, "td");
+        assert_eq!(pt.subject.common_name.as_deref(), Some("meshid.svc"));
         assert!(!pt.custom_extensions[0].critical);
+    }
+
+    #[test]
+    fn the_subject_and_san_sent_to_pca_come_from_policy_whatever_the_csr_says() {
+        // A CSR choosing a hostname-like CN and a DNS SAN: with an APIPassthrough template PCA
+        // copies the CSR's subject and SAN unless ApiPassthrough gives them, so both must be sent.
+        let key = KeyPair::generate().unwrap();
+        let mut p = CertificateParams::new(vec!["internal-db.corp".to_owned()]).unwrap();
+        p.distinguished_name = DistinguishedName::new();
+        p.distinguished_name
+            .push(DnType::CommonName, "internal-db.corp");
+        let csr = p.serialize_request(&key).unwrap();
+        let now = OffsetDateTime::from_unix_timestamp(1_700_000_000).unwrap();
+        let req = leaf_issue_request(
+            "arn:ca",
+            "SHA256WITHECDSA",
+            &workload(),
+            "td",
+            csr.der(),
+            Duration::from_secs(3600),
+            now,
+        );
+        let pt = req.api_passthrough.unwrap();
+        assert_eq!(pt.subject.organization, "td");
+        assert_eq!(pt.subject.common_name, None);
+        let [san] = pt.custom_extensions.as_slice() else {
+            panic!("one custom extension")
+        };
+        assert_eq!(
+            base64::engine::general_purpose::STANDARD
+                .decode(&san.value_base64)
+                .unwrap(),
+            san_der(&[SanName::Uri("spiffe://td/ns/ns/sa/sa".into())])
+        );
     }
 }

@@ -140,11 +140,16 @@ fn to_sdk_request(req: &IssueRequest) -> Result<Option<t::ApiPassthrough>, ApiEr
     if !customs.is_empty() {
         extensions = extensions.set_custom_extensions(Some(customs));
     }
-    let mut out = t::ApiPassthrough::builder().extensions(extensions.build());
-    if let Some(cn) = &pt.subject_common_name {
-        out = out.subject(t::Asn1Subject::builder().common_name(cn).build());
+    let mut subject = t::Asn1Subject::builder().organization(&pt.subject.organization);
+    if let Some(cn) = &pt.subject.common_name {
+        subject = subject.common_name(cn);
     }
-    Ok(Some(out.build()))
+    Ok(Some(
+        t::ApiPassthrough::builder()
+            .extensions(extensions.build())
+            .subject(subject.build())
+            .build(),
+    ))
 }
 
 impl PcaApi for SdkPcaClient {

@@ -65,7 +65,8 @@ pub async fn connect(
 /// first intermediate. Errors name the failing call, ARN and reason: wrong ARN or region
 /// ([`super::ApiError::NotFound`]), missing permissions ([`super::ApiError::AccessDenied`]),
 /// missing credentials, a CA that is not ACTIVE, an unsupported key algorithm, or lifetimes a
-/// short-lived-mode CA cannot issue.
+/// short-lived-mode CA cannot issue; in direct mode, a trust domain longer than the 64
+/// characters PCA allows in the subject O.
 pub async fn start(
     api: Arc<dyn PcaApi>,
     opts: &AwsPcaOptions,
@@ -74,6 +75,9 @@ pub async fn start(
     metrics: PcaMetrics,
     intermediate_expiry: Option<Gauge>,
 ) -> Result<Started, PcaError> {
+    if opts.mode == PcaMode::Direct && trust_domain.chars().count() > 64 {
+        return Err(PcaError::TrustDomainTooLong(trust_domain.to_owned()));
+    }
     let upstream = Arc::new(Upstream::new(
         api,
         opts.ca_arn.clone(),
@@ -121,6 +125,7 @@ pub async fn start(
             signer: Arc::new(DirectSigner::new(
                 upstream,
                 algorithm,
+                trust_domain.to_owned(),
                 bundle.roots().to_vec(),
                 opts.max_pending,
             )),

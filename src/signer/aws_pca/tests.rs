@@ -14,7 +14,7 @@ use super::api::{Api, ApiError, ExtendedKeyUsage, PcaApi, ValidityKind};
 use super::fake::{Call, FakePca};
 use super::intermediate::renew_at;
 use super::request::{self, INTERMEDIATE_TEMPLATE_ARN, LEAF_TEMPLATE_ARN};
-use super::{AwsPcaOptions, PcaError, PcaMetrics, PcaMode, Started, start};
+use super::{AwsPcaOptions, LeafMismatch, PcaError, PcaMetrics, PcaMode, Started, start};
 use crate::agent::{WorkloadKeyType, generate_csr};
 use crate::identity::{LeafProfile, SpiffeId, check_csr};
 use crate::pem::parse_certs;
@@ -95,13 +95,20 @@ async fn direct_mode_sends_our_policy_to_pca_and_returns_a_verified_chain_withou
         request::idempotency_token(
             LEAF_TEMPLATE_ARN,
             &csr_der,
-            &format!("workload {}", id()),
+            &format!("O=td workload {}", id()),
             req.ttl
         )
     );
     let pt = sent.api_passthrough.unwrap();
-    assert_eq!(pt.subject_common_name, None);
-    assert!(pt.key_usage.digital_signature && pt.key_usage.key_encipherment);
+    assert_eq!(
+        pt.subject,
+        super::api::Subject {
+            organization: "td".into(),
+            common_name: None
+        }
+    );
+    // An ECDSA key: keyEncipherment is for RSA keys only.
+    assert!(pt.key_usage.digital_signature && !pt.key_usage.key_encipherment);
     assert_eq!(
         pt.extended_key_usage,
         [ExtendedKeyUsage::ServerAuth, ExtendedKeyUsage::ClientAuth]
@@ -125,6 +132,7 @@ async fn direct_mode_sends_our_policy_to_pca_and_returns_a_verified_chain_withou
     let (_, leaf) = X509Certificate::from_der(der[0].as_ref()).unwrap();
     let san = leaf.subject_alternative_name().unwrap().unwrap();
     assert!(san.critical);
+    assert_eq!(leaf.subject().to_string(), "O=td");
     assert_eq!(hex::encode(leaf.raw_serial()), issued.serial_hex);
     assert_eq!(fake.count(Api::Get), 1);
     assert!(
@@ -374,7 +382,8 @@ async fn a_server_certificate_for_a_generated_key_is_issued_in_direct_mode() {
     verify(&issued, &s.signer.trust_anchors_pem());
     let [sent] = fake.issued().try_into().unwrap();
     let pt = sent.api_passthrough.unwrap();
-    assert_eq!(pt.subject_common_name.as_deref(), Some("meshid.svc"));
+    assert_eq!(pt.subject.organization, "td");
+    assert_eq!(pt.subject.common_name.as_deref(), Some("meshid.svc"));
     assert!(!pt.custom_extensions[0].critical);
 }
 
@@ -570,4 +579,236 @@ async fn an_expired_intermediate_makes_signing_unavailable_rather_than_issue_dea
     let (_k, req) = workload_request(Duration::from_secs(60));
     let err = s.signer.sign(req).await.unwrap_err();
     assert!(matches!(err, SignerError::Unavailable(_)), "{err}");
+}
+
+/// A CSR for the workload identity that also asks for a hostname-like subject CN.
+fn workload_request_with_cn(cn: &str) -> SignRequest {
+    let key = KeyPair::generate().unwrap();
+    let mut p = rcgen::CertificateParams::default();
+    p.distinguished_name = rcgen::DistinguishedName::new();
+    p.distinguished_name.push(rcgen::DnType::CommonName, cn);
+    p.subject_alt_names = vec![rcgen::SanType::URI(id().to_string().try_into().unwrap())];
+    let pem = p.serialize_request(&key).unwrap().pem().unwrap();
+    let csr = check_csr(&pem, &id()).unwrap();
+    SignRequest {
+        profile: LeafProfile::Workload(id()),
+        spki_der: csr.spki_der,
+        ttl: Duration::from_secs(3600),
+        csr_der: Some(csr.csr_der),
+    }
+}
+
+#[tokio::test]
+async fn a_csr_chosen_subject_never_reaches_the_leaf_in_direct_mode() {
+    let fake = Arc::new(FakePca::new());
+    let s = started(&fake, opts(PcaMode::Direct)).await.unwrap();
+    let issued = s
+        .signer
+        .sign(workload_request_with_cn("internal-db.corp"))
+        .await
+        .unwrap();
+    let [sent] = fake.issued().try_into().unwrap();
+    assert_eq!(sent.api_passthrough.unwrap().subject.organization, "td");
+    let der = parse_certs(&issued.leaf_pem).unwrap();
+    let (_, leaf) = X509Certificate::from_der(der[0].as_ref()).unwrap();
+    assert_eq!(leaf.subject().to_string(), "O=td");
+}
+
+#[tokio::test]
+async fn a_leaf_carrying_the_csrs_subject_is_refused_not_served() {
+    let fake = Arc::new(FakePca::new());
+    // What moto does, and what PCA would do if the subject were not sent.
+    fake.copy_csr_subject
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    let s = started(&fake, opts(PcaMode::Direct)).await.unwrap();
+    let err = s
+        .signer
+        .sign(workload_request_with_cn("internal-db.corp"))
+        .await
+        .unwrap_err();
+    let SignerError::AwsPca(PcaError::LeafMismatch(LeafMismatch::Subject { got, want })) = err
+    else {
+        panic!("{err}")
+    };
+    assert_eq!(
+        (got.as_str(), want.as_str()),
+        ("CN=internal-db.corp", "O=td")
+    );
+    // PCA billed it: it is counted even though it was not served.
+    assert_eq!(s.metrics.issued("leaf"), 1);
+}
+
+#[tokio::test]
+async fn resending_the_same_csr_counts_one_billed_certificate_per_idempotency_token() {
+    let fake = Arc::new(FakePca::new());
+    let s = started(&fake, opts(PcaMode::Direct)).await.unwrap();
+    let (_key, req) = workload_request(Duration::from_secs(3600));
+    let first = s.signer.sign(req.clone()).await.unwrap();
+    let again = s.signer.sign(req).await.unwrap();
+    assert_eq!(fake.count(Api::Issue), 2);
+    // PCA answered the reused token with the certificate it had already issued.
+    assert_eq!(first.serial_hex, again.serial_hex);
+    assert_eq!(s.metrics.issued("leaf"), 1);
+}
+
+#[tokio::test]
+async fn a_failed_renewal_is_retried_with_the_same_key_and_token_and_billed_once() {
+    let fake = Arc::new(FakePca::new());
+    let mut s = started(&fake, opts(PcaMode::Intermediate)).await.unwrap();
+    let renewal = s.renewal.as_mut().unwrap();
+    // PCA issued the certificate, but fetching it failed for good.
+    fake.fail(
+        Api::Get,
+        [ApiError::NotFound("eventually consistent".into())],
+    );
+    renewal.renew_now().await.unwrap_err();
+    renewal.renew_now().await.unwrap();
+    let sent = fake.issued();
+    assert_eq!(sent.len(), 3);
+    assert_eq!(sent[1].csr_pem, sent[2].csr_pem);
+    assert_eq!(sent[1].idempotency_token, sent[2].idempotency_token);
+    assert_eq!(s.metrics.issued("intermediate"), 2);
+    // The next renewal uses a new key.
+    renewal.renew_now().await.unwrap();
+    assert_ne!(fake.issued()[3].csr_pem, sent[2].csr_pem);
+}
+
+#[test]
+fn the_shortest_allowed_intermediate_ttl_renews_at_most_hourly_and_leaves_full_leaves() {
+    use super::intermediate::{MIN_RENEWAL_INTERVAL, min_intermediate_ttl, renewal_interval};
+    let one_second = Duration::from_secs(1);
+    for minutes in [
+        1,
+        10,
+        30,
+        59,
+        60,
+        61,
+        90,
+        120,
+        180,
+        24 * 60,
+        48 * 60,
+        7 * 24 * 60,
+    ] {
+        let max_leaf = Duration::from_secs(minutes * 60);
+        let min = min_intermediate_ttl(max_leaf);
+        assert!(min >= max_leaf * 2, "{minutes}m");
+        assert!(
+            renewal_interval(min, max_leaf) >= MIN_RENEWAL_INTERVAL,
+            "{minutes}m"
+        );
+        let shorter = min - one_second;
+        assert!(
+            shorter < max_leaf * 2 || renewal_interval(shorter, max_leaf) < MIN_RENEWAL_INTERVAL,
+            "{minutes}m: the bound is tight"
+        );
+    }
+    // The configuration of issue 11: renewal due the moment the intermediate arrives.
+    assert_eq!(
+        renewal_interval(Duration::from_secs(3600), Duration::from_secs(1800)),
+        Duration::ZERO
+    );
+    assert_eq!(
+        min_intermediate_ttl(Duration::from_secs(1800)),
+        Duration::from_secs(150 * 60)
+    );
+}
+
+#[test]
+fn renewal_retries_back_off_while_the_intermediate_signs_and_come_within_seconds_after() {
+    use super::intermediate::{LEAF_FLOOR, retry_delay};
+    let now = OffsetDateTime::from_unix_timestamp(1_700_000_000).unwrap();
+    let hour = Duration::from_secs(3600);
+    for failures in 0..30 {
+        // Far from expiry: the usual backoff, up to 10 minutes.
+        assert!(retry_delay(failures, now, now + hour * 24) <= Duration::from_secs(600));
+        // Never sleeping past the moment signing stops.
+        let stops_in = Duration::from_secs(30);
+        assert!(retry_delay(failures, now, now + LEAF_FLOOR + stops_in) <= stops_in);
+        // Within the floor or expired: at most 5 s.
+        for not_after in [now + LEAF_FLOOR / 2, now, now - hour] {
+            assert!(retry_delay(failures, now, not_after) <= Duration::from_secs(5));
+        }
+    }
+    assert!(retry_delay(20, now, now + hour * 24) >= Duration::from_secs(300));
+}
+
+#[tokio::test]
+async fn leaves_are_never_cut_below_the_floor_by_the_intermediates_expiry() {
+    let fake = Arc::new(FakePca::new());
+    let s = started(
+        &fake,
+        AwsPcaOptions {
+            intermediate_ttl: Duration::from_secs(300),
+            ..opts(PcaMode::Intermediate)
+        },
+    )
+    .await
+    .unwrap();
+    // 5 minutes left: an hour-long leaf would be cut below the 10-minute floor.
+    let (_k, req) = workload_request(Duration::from_secs(3600));
+    let err = s.signer.sign(req).await.unwrap_err();
+    assert!(matches!(err, SignerError::Unavailable(_)), "{err}");
+    // A leaf asked to be shorter than what is left is not cut, and is served.
+    let (_k, req) = workload_request(Duration::from_secs(60));
+    let issued = s.signer.sign(req).await.unwrap();
+    let lifetime = issued.not_after - OffsetDateTime::now_utc();
+    assert!(lifetime > time::Duration::seconds(50), "{lifetime}");
+}
+
+#[tokio::test(start_paused = true)]
+async fn after_the_intermediate_expired_in_an_outage_renewal_is_retried_every_few_seconds() {
+    let fake = Arc::new(FakePca::new());
+    let mut s = started(
+        &fake,
+        AwsPcaOptions {
+            intermediate_ttl: Duration::from_secs(1),
+            ..opts(PcaMode::Intermediate)
+        },
+    )
+    .await
+    .unwrap();
+    // The outage: ten attempts fail.
+    fake.fail(
+        Api::Issue,
+        (0..10).map(|_| ApiError::InvalidState("CA unreachable".into())),
+    );
+    let renewal = s.renewal.take().unwrap();
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(renewal.run(stop_rx));
+    while fake.count(Api::Issue) < 12 {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    stop_tx.send(true).unwrap();
+    task.await.unwrap();
+    let times = fake.times(Api::Issue);
+    // Attempts 2..=12: the failures and the first success after PCA returned.
+    for pair in times[1..12].windows(2) {
+        assert!(
+            pair[1] - pair[0] <= Duration::from_secs(5),
+            "{:?}",
+            pair[1] - pair[0]
+        );
+    }
+    assert!(s.metrics.issued("intermediate") >= 2);
+}
+
+#[tokio::test]
+async fn direct_mode_refuses_a_trust_domain_pca_cannot_put_in_the_subject() {
+    let fake = Arc::new(FakePca::new());
+    let api: Arc<dyn PcaApi> = fake.clone();
+    let long = format!("{}.example", "a".repeat(60));
+    let err = start(
+        api,
+        &opts(PcaMode::Direct),
+        &long,
+        MAX_LEAF,
+        PcaMetrics::default(),
+        None,
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(err, PcaError::TrustDomainTooLong(long));
+    assert!(fake.calls().is_empty());
 }

@@ -2,8 +2,11 @@
 //! is timed and counted, and retryable failures are retried with jittered backoff; issuance
 //! waits for the certificate by polling `GetCertificate`.
 
-use std::sync::Arc;
+use std::collections::{HashSet, VecDeque};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use tokio::time::Instant;
 
 use super::PcaError;
 use super::api::{Api, ApiError, CaDescription, CertificateAndChain, IssueRequest, PcaApi};
@@ -41,6 +44,10 @@ impl Default for RetryPolicy {
     }
 }
 
+/// PCA returns the certificate already issued for an idempotency token reused within this
+/// long, and issues (and bills) a new one after it.
+pub const IDEMPOTENCY_WINDOW: Duration = Duration::from_secs(300);
+
 /// A PCA CA as seen through [`PcaApi`], with rate limiting, retries and metrics.
 pub struct Upstream {
     api: Arc<dyn PcaApi>,
@@ -48,6 +55,17 @@ pub struct Upstream {
     bucket: TokenBucket,
     retry: RetryPolicy,
     metrics: PcaMetrics,
+    /// Idempotency tokens counted as billed certificates, and when; entries older than
+    /// [`IDEMPOTENCY_WINDOW`] are dropped, so the map holds at most what the rate limit lets
+    /// through in that window.
+    billed: Mutex<Billed>,
+}
+
+/// Tokens counted within the window: a set, and the same tokens oldest first for expiry.
+#[derive(Default)]
+struct Billed {
+    tokens: HashSet<String>,
+    order: VecDeque<(Instant, String)>,
 }
 
 impl std::fmt::Debug for Upstream {
@@ -75,7 +93,28 @@ impl Upstream {
             bucket: TokenBucket::new(requests_per_second, requests_per_second),
             retry,
             metrics,
+            billed: Mutex::new(Billed::default()),
         }
+    }
+
+    /// Whether a successful `IssueCertificate` with `token` is a new certificate: the first
+    /// use of the token within [`IDEMPOTENCY_WINDOW`].
+    fn first_use(&self, token: &str) -> bool {
+        let now = Instant::now();
+        let mut billed = self.billed.lock().unwrap_or_else(|e| e.into_inner());
+        while let Some((at, _)) = billed.order.front() {
+            if now.duration_since(*at) < IDEMPOTENCY_WINDOW {
+                break;
+            }
+            if let Some((_, old)) = billed.order.pop_front() {
+                billed.tokens.remove(&old);
+            }
+        }
+        if !billed.tokens.insert(token.to_owned()) {
+            return false;
+        }
+        billed.order.push_back((now, token.to_owned()));
+        true
     }
 
     /// The CA ARN.
@@ -158,7 +197,8 @@ impl Upstream {
 
     /// `IssueCertificate` (retried with the same idempotency token, so at most one certificate
     /// results), then `GetCertificate` until it is ready. `kind` labels the issued-certificate
-    /// counter (`leaf` or `intermediate`).
+    /// counter (`leaf` or `intermediate`), which counts each token once per
+    /// [`IDEMPOTENCY_WINDOW`], as PCA bills.
     pub async fn issue(
         &self,
         req: &IssueRequest,
@@ -167,10 +207,12 @@ impl Upstream {
         let certificate_arn = self
             .with_retries(Api::Issue, || self.api.issue_certificate(req))
             .await?;
-        self.metrics
-            .certificates_issued
-            .get_or_create(&KindLabels { kind })
-            .inc();
+        if self.first_use(&req.idempotency_token) {
+            self.metrics
+                .certificates_issued
+                .get_or_create(&KindLabels { kind })
+                .inc();
+        }
         let mut retries = 0;
         for poll in 0..self.retry.polls {
             let got = self
