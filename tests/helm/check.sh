@@ -27,20 +27,7 @@ if [[ "${1:-}" == "--no-cargo" ]]; then
     shift
 fi
 
-venv="${MESHID_HELM_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/meshid/helm-venv}"
-requirements="$repo/tests/helm/requirements.txt"
-stamp="$venv/.requirements.sha256"
-want="$(sha256sum "$requirements" | cut -d' ' -f1)"
-if [[ ! -x "$venv/bin/python" || "$(cat "$stamp" 2>/dev/null || true)" != "$want" ]]; then
-    echo "== installing the chart checks' Python packages into $venv"
-    command -v python3 >/dev/null || { echo "python3 is required (3.10 or later)" >&2; exit 1; }
-    if ! python3 -m venv --clear "$venv"; then
-        echo "python3 -m venv failed: on Debian/Ubuntu install python3-venv" >&2
-        exit 1
-    fi
-    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check --no-input -r "$requirements"
-    echo "$want" >"$stamp"
-fi
+venv="$("$repo/tests/helm/venv.sh")"
 
 out="${CARGO_TARGET_DIR:-$repo/target}/helm"
 rm -rf "$out"
