@@ -49,7 +49,8 @@ ROTATIONS = 2
 # The meshid chart's values, as a user sets them for this mesh (docs/istio.md).
 CHART_VALUES = {
     "istiodCert": {"enabled": True},
-    "certificates": {"defaultTTL": f"{SVID_TTL_SECS}s", "maxTTL": f"{SVID_TTL_SECS}s"},
+    "certificates": {"defaultTTL": f"{SVID_TTL_SECS}s", "maxTTL": f"{SVID_TTL_SECS}s",
+                     "minTTL": f"{SVID_TTL_SECS}s"},
     # The VMs reach meshid at 127.0.0.1 (CA_ADDR): its serving certificate must name it.
     "servingCert": {"extraHosts": ["127.0.0.1"]},
     "logFormat": "text",

@@ -93,6 +93,7 @@ This is the only place meshid settings are rendered. */}}
   "audiences" $v.audiences
   "default-ttl" $v.certificates.defaultTTL
   "max-ttl" $v.certificates.maxTTL
+  "min-ttl" $v.certificates.minTTL
   "token-cache-ttl" $v.tokenCacheTTL
   "log-format" $v.logFormat
   "signer" $v.signer.type
