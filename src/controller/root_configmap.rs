@@ -148,6 +148,10 @@ fn error_policy(_ns: Arc<Namespace>, err: &RootConfigMapError, _ctx: Arc<Ctx>) -
     Action::requeue(Duration::from_secs(5))
 }
 
+/// How long after the controller starts every namespace is reconciled once more (see
+/// `run_root_configmaps`).
+const STARTUP_RECHECK: Duration = Duration::from_secs(10);
+
 /// Runs the root distribution controller until `shutdown` flips to true.
 ///
 /// `namespace_selector` is a Kubernetes label selector (e.g. `istio-injection=enabled`);
@@ -169,6 +173,12 @@ pub async fn run_root_configmaps(
     // Every new bundle re-reconciles all namespaces (the first value is skipped: the initial
     // list already reconciles everything).
     let bundle_changes = WatchStream::from_changes(trust.clone()).map(|_| ());
+    // The Namespace and ConfigMap watchers list independently. A ConfigMap deleted after its
+    // namespace was reconciled but before the ConfigMap watcher's initial list yields no event,
+    // and would wait for the hourly requeue. One more pass once both lists are done closes that
+    // window at the start of every leadership; it writes nothing where all is up to date.
+    let settled = futures::stream::once(tokio::time::sleep(STARTUP_RECHECK)).map(|_| ());
+    let triggers = futures::stream::select(bundle_changes, settled);
     let ctx = Arc::new(Ctx {
         client,
         trust,
@@ -178,7 +188,7 @@ pub async fn run_root_configmaps(
         .watches(configmaps, cm_config, |cm| {
             cm.namespace().map(|ns| ObjectRef::<Namespace>::new(&ns))
         })
-        .reconcile_all_on(bundle_changes)
+        .reconcile_all_on(triggers)
         .graceful_shutdown_on(async move {
             let _ = shutdown.wait_for(|v| *v).await;
         })
