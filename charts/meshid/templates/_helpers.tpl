@@ -93,7 +93,6 @@ This is the only place meshid settings are rendered. */}}
   "audiences" $v.audiences
   "default-ttl" $v.certificates.defaultTTL
   "max-ttl" $v.certificates.maxTTL
-  "min-ttl" $v.certificates.minTTL
   "token-cache-ttl" $v.tokenCacheTTL
   "log-format" $v.logFormat
   "signer" $v.signer.type
@@ -101,6 +100,9 @@ This is the only place meshid settings are rendered. */}}
   "istiod-cert" $v.istiodCert.enabled
   "trusted-node-accounts" $v.ztunnel.trustedNodeAccounts
 }}
+{{- with $v.certificates.minTTL }}
+{{- $_ := set $c "min-ttl" . }}
+{{- end }}
 {{- if or $v.rootConfigMap.enabled $v.istiodCert.enabled }}
 {{- $_ := set $c "leader-election-namespace" .Release.Namespace }}
 {{- $_ := set $c "lease-name" (include "meshid.leaseName" .) }}
