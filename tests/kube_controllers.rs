@@ -12,9 +12,10 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::kube::{Harness, TokenOptions, eventually, rule};
+use common::kube::{Harness, TokenOptions, eventually};
 use common::meshid::{
-    ca_client, http_get, metric_value, openssl, openssl_csr, openssl_key, write_token_kubeconfig,
+    ca_client, http_get, metric_value, openssl, openssl_csr, openssl_key, server_identity,
+    server_rules,
 };
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret};
@@ -73,37 +74,8 @@ const SELECTOR_KEY: &str = "meshid-test-selector";
 impl Setup {
     async fn new(h: Harness) -> Self {
         let ns = h.create_namespace("ctl").await.unwrap();
-        h.create_service_account(&ns, "meshid").await.unwrap();
-        h.grant_cluster_role(
-            "meshid-test:controllers",
-            vec![
-                rule("authentication.k8s.io", "tokenreviews", &["create"]),
-                rule(
-                    "",
-                    "configmaps",
-                    &["get", "list", "watch", "create", "update", "patch"],
-                ),
-                rule("", "namespaces", &["get", "list", "watch"]),
-                rule("", "pods", &["get", "list"]),
-                rule(
-                    "coordination.k8s.io",
-                    "leases",
-                    &["get", "create", "update"],
-                ),
-                rule("", "secrets", &["get", "create", "update"]),
-            ],
-            &ns,
-            "meshid",
-        )
-        .await
-        .unwrap();
-        let token = h
-            .request_token(&ns, "meshid", &TokenOptions::default())
-            .await
-            .unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let kubeconfig = dir.path().join("kubeconfig");
-        write_token_kubeconfig(&h, &token, None, &kubeconfig);
+        let (dir, kubeconfig) =
+            server_identity(&h, &ns, "meshid-test:controllers", server_rules(true)).await;
         let selector_value = ns.clone();
         Setup {
             h,

@@ -21,8 +21,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use common::envoy::{Envoy, client_config, envoy_binary, free_port, mtls_bootstrap, mtls_get};
-use common::kube::{Harness, TokenOptions, eventually, rule};
-use common::meshid::write_token_kubeconfig;
+use common::kube::{Harness, TokenOptions, eventually};
+use common::meshid::{server_identity, server_rules};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret};
 use kube::Api;
 use kube::api::{Patch, PatchParams};
@@ -157,37 +157,8 @@ struct Rotation {
 impl Rotation {
     async fn new(h: Harness) -> Self {
         let ns = h.create_namespace("rot3").await.unwrap();
-        h.create_service_account(&ns, "meshid").await.unwrap();
-        // The rules the chart grants (ClusterRole and the release-namespace Role).
-        h.grant_cluster_role(
-            "meshid-test:rotation",
-            vec![
-                rule("authentication.k8s.io", "tokenreviews", &["create"]),
-                rule(
-                    "",
-                    "configmaps",
-                    &["get", "list", "watch", "create", "update", "patch"],
-                ),
-                rule("", "namespaces", &["get", "list", "watch"]),
-                rule(
-                    "coordination.k8s.io",
-                    "leases",
-                    &["get", "create", "update"],
-                ),
-                rule("", "secrets", &["get", "create", "update"]),
-            ],
-            &ns,
-            "meshid",
-        )
-        .await
-        .unwrap();
-        let token = h
-            .request_token(&ns, "meshid", &TokenOptions::default())
-            .await
-            .unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let kubeconfig = dir.path().join("kubeconfig");
-        write_token_kubeconfig(&h, &token, None, &kubeconfig);
+        let (dir, kubeconfig) =
+            server_identity(&h, &ns, "meshid-test:rotation", server_rules(false)).await;
         let app = h.create_namespace("rot3-app").await.unwrap();
         let istio = h.create_namespace("rot3-istio").await.unwrap();
         let patch = serde_json::json!({ "metadata": { "labels": { SELECTOR_KEY: ns } } });

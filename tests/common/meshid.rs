@@ -5,7 +5,9 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use super::kube::Harness;
+use k8s_openapi::api::rbac::v1::PolicyRule;
+
+use super::kube::{Harness, TokenOptions, rule};
 
 /// Writes a kubeconfig for the harness apiserver (or `server_override`) that authenticates
 /// with `token` only.
@@ -30,6 +32,52 @@ pub fn write_token_kubeconfig(
     }
     // JSON is YAML: kube reads it as a kubeconfig.
     std::fs::write(path, serde_json::to_vec(&kc).unwrap()).unwrap();
+}
+
+/// The rules the chart grants `meshid server` with its controllers on (ClusterRole and the
+/// release-namespace Role), plus pod get/list for ztunnel node authorization if asked.
+pub fn server_rules(node_authorization: bool) -> Vec<PolicyRule> {
+    let mut rules = vec![
+        rule("authentication.k8s.io", "tokenreviews", &["create"]),
+        rule(
+            "",
+            "configmaps",
+            &["get", "list", "watch", "create", "update", "patch"],
+        ),
+        rule("", "namespaces", &["get", "list", "watch"]),
+        rule(
+            "coordination.k8s.io",
+            "leases",
+            &["get", "create", "update"],
+        ),
+        rule("", "secrets", &["get", "create", "update"]),
+    ];
+    if node_authorization {
+        rules.push(rule("", "pods", &["get", "list"]));
+    }
+    rules
+}
+
+/// Creates the service account `meshid` in `ns`, grants it `rules` through the cluster role
+/// `role`, and writes a kubeconfig carrying its token into a new temporary directory.
+pub async fn server_identity(
+    h: &Harness,
+    ns: &str,
+    role: &str,
+    rules: Vec<PolicyRule>,
+) -> (tempfile::TempDir, PathBuf) {
+    h.create_service_account(ns, "meshid").await.unwrap();
+    h.grant_cluster_role(role, rules, ns, "meshid")
+        .await
+        .unwrap();
+    let token = h
+        .request_token(ns, "meshid", &TokenOptions::default())
+        .await
+        .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let kubeconfig = dir.path().join("kubeconfig");
+    write_token_kubeconfig(h, &token, None, &kubeconfig);
+    (dir, kubeconfig)
 }
 
 /// A plain HTTP/1.1 GET on loopback, returning the raw response.
