@@ -32,5 +32,6 @@ pub mod sds;
 #[cfg(feature = "server")]
 pub mod server;
 pub mod signer;
+pub mod svid;
 pub mod telemetry;
 pub mod trust;
