@@ -6,7 +6,7 @@ mod leader;
 mod root_configmap;
 mod signing_roots;
 
-pub use signing_roots::{SigningRoots, SigningRootsError, SigningRootsSettings, compose};
+pub use signing_roots::{InUse, SigningRoots, SigningRootsError, SigningRootsSettings, compose};
 
 use std::sync::Arc;
 

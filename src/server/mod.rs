@@ -10,7 +10,7 @@ mod rejection;
 mod routes;
 mod tls;
 
-pub(crate) use ca_service::{CaService, Durations};
+pub(crate) use ca_service::{CaService, CaServiceOptions, Durations};
 pub(crate) use coalesce::CoalescingIo;
 pub(crate) use http::{Readiness, http_router};
 pub use issuance_limit::IssuanceLimitSettings;

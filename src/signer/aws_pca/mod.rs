@@ -30,6 +30,7 @@ mod upstream;
 pub use api::{ApiError, PcaApi};
 pub use check::LeafMismatch;
 pub use error::PcaError;
+pub(crate) use intermediate::IntermediateRenewal;
 pub use metrics::PcaMetrics;
 pub use options::{AwsPcaOptions, CaArn, PcaMode};
 pub(crate) use options::{
