@@ -18,6 +18,8 @@ pub mod app;
 #[cfg(feature = "server")]
 pub mod authn;
 #[cfg(feature = "server")]
+pub mod cluster;
+#[cfg(feature = "server")]
 pub mod config;
 #[cfg(feature = "server")]
 pub mod controller;
