@@ -13,9 +13,10 @@ use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::authn::{
-    ApiLimiter, Authenticator, CacheTtls, KubeTokenReviewer, NodeAuthorizer,
-    StaticTokenAuthenticator, TokenCache, TokenReviewAuthenticator, TokenReviewOptions,
+    ApiLimiter, Authenticator, CacheTtls, KubeTokenReviewer, StaticTokenAuthenticator, TokenCache,
+    TokenReviewAuthenticator, TokenReviewOptions,
 };
+use crate::authz::{ImpersonationAuthorizer, NodeAuthorizer};
 use crate::config::{AuthnConfig, ServerConfig, ServingTls, SignerConfig};
 use crate::controller::{Controllers, SigningRoots, spawn_elector};
 use crate::identity::LeafProfile;
@@ -372,15 +373,14 @@ pub async fn start_server(
             lease_observer.renew_errors.clone(),
         );
     });
-    let impersonation: Option<Arc<dyn crate::server::ImpersonationAuthorizer>> =
-        kube.map(|(client, limiter)| {
-            Arc::new(NodeAuthorizer::new(
-                client,
-                cfg.trusted_node_accounts.clone(),
-                limiter,
-                node_authz_calls.clone(),
-            )) as Arc<dyn crate::server::ImpersonationAuthorizer>
-        });
+    let impersonation: Option<Arc<dyn ImpersonationAuthorizer>> = kube.map(|(client, limiter)| {
+        Arc::new(NodeAuthorizer::new(
+            client,
+            cfg.trusted_node_accounts.clone(),
+            limiter,
+            node_authz_calls.clone(),
+        )) as Arc<dyn ImpersonationAuthorizer>
+    });
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let mut renewal = None;

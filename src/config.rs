@@ -915,7 +915,7 @@ impl ServerArgs {
             log_format: self.log_format.unwrap_or_default(),
             extra_roots: self.extra_roots.clone(),
             controllers,
-            trusted_node_accounts: crate::authn::parse_trusted_accounts(
+            trusted_node_accounts: crate::authz::parse_trusted_accounts(
                 self.trusted_node_accounts
                     .as_deref()
                     .unwrap_or(&["istio-system/ztunnel".to_owned()]),

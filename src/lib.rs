@@ -18,6 +18,8 @@ pub mod app;
 #[cfg(feature = "server")]
 pub mod authn;
 #[cfg(feature = "server")]
+pub mod authz;
+#[cfg(feature = "server")]
 pub mod cluster;
 #[cfg(feature = "server")]
 pub mod config;
@@ -32,5 +34,6 @@ pub mod sds;
 #[cfg(feature = "server")]
 pub mod server;
 pub mod signer;
+pub mod svid;
 pub mod telemetry;
 pub mod trust;
