@@ -13,7 +13,7 @@ use tokio_rustls::TlsAcceptor;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::authn::{
-    ApiLimiter, Authenticator, CacheTtls, KubeTokenReviewer, StaticTokenAuthenticator, TokenCache,
+    ApiLimiter, Authenticator, CacheTtls, ClusterReviewers, StaticTokenAuthenticator, TokenCache,
     TokenReviewAuthenticator, TokenReviewOptions,
 };
 use crate::authz::{ImpersonationAuthorizer, NodeAuthorizer};
@@ -109,17 +109,27 @@ pub fn install_crypto_provider() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
 }
 
+mod clusters;
+
 /// The authenticator, and the Kubernetes client (with the limiter bounding the calls made for
-/// callers) when meshid talks to a cluster.
+/// callers, and the clusters served) when meshid talks to a cluster.
+#[allow(clippy::type_complexity)]
 async fn build_authenticator(
     cfg: &ServerConfig,
     metrics: &ServerMetrics,
-) -> Result<(Arc<dyn Authenticator>, Option<(kube::Client, ApiLimiter)>), AppError> {
+) -> Result<
+    (
+        Arc<dyn Authenticator>,
+        Option<(kube::Client, ApiLimiter, clusters::Clusters)>,
+    ),
+    AppError,
+> {
     match &cfg.authn {
         AuthnConfig::StaticTokens(path) => {
             tracing::warn!("using static token authentication: development only");
             let a = StaticTokenAuthenticator::from_file(path, &cfg.trust_domain)
-                .map_err(|e| AppError::Authn(e.to_string()))?;
+                .map_err(|e| AppError::Authn(e.to_string()))?
+                .for_cluster(&cfg.cluster_id);
             Ok((Arc::new(a), None))
         }
         AuthnConfig::TokenReview {
@@ -156,7 +166,17 @@ async fn build_authenticator(
                 );
             });
             let limiter = ApiLimiter::new(*limits, refused);
-            let reviewer = Arc::new(KubeTokenReviewer::new(client.clone(), TOKENREVIEW_TIMEOUT));
+            let clusters = clusters::Clusters::build(
+                &cfg.cluster_id,
+                client.clone(),
+                &cfg.remote_clusters,
+                metrics,
+            )
+            .await;
+            let reviewer = Arc::new(ClusterReviewers::new(
+                clusters.registry.clone(),
+                TOKENREVIEW_TIMEOUT,
+            ));
             let ttls = CacheTtls {
                 positive: *cache_ttl,
                 pod_bound: *pod_cache_ttl,
@@ -173,7 +193,7 @@ async fn build_authenticator(
                 },
                 metrics.clone(),
             ));
-            Ok((authn, Some((client, limiter))))
+            Ok((authn, Some((client, limiter, clusters))))
         }
     }
 }
@@ -279,7 +299,7 @@ pub async fn start_server(
     let http_listener = bind(cfg.http_listen).await?;
     let metrics = ServerMetrics::new();
     let (authn, kube) = build_authenticator(&cfg, &metrics).await?;
-    let kube_client = kube.as_ref().map(|(client, _)| client.clone());
+    let kube_client = kube.as_ref().map(|(client, _, _)| client.clone());
     let mut pca_renewal = None;
     let signer: Arc<dyn Signer> = match &cfg.signer {
         SignerConfig::Files(files) => Arc::new(LocalSigner::from_files(files)?),
@@ -373,14 +393,16 @@ pub async fn start_server(
             lease_observer.renew_errors.clone(),
         );
     });
-    let impersonation: Option<Arc<dyn ImpersonationAuthorizer>> = kube.map(|(client, limiter)| {
-        Arc::new(NodeAuthorizer::new(
-            client,
-            cfg.trusted_node_accounts.clone(),
-            limiter,
-            node_authz_calls.clone(),
-        )) as Arc<dyn ImpersonationAuthorizer>
-    });
+    let impersonation: Option<Arc<dyn ImpersonationAuthorizer>> =
+        kube.as_ref().map(|(_, limiter, clusters)| {
+            Arc::new(NodeAuthorizer::new(
+                clusters.registry.clone(),
+                cfg.trusted_node_accounts.clone(),
+                limiter.clone(),
+                node_authz_calls.clone(),
+            )) as Arc<dyn ImpersonationAuthorizer>
+        });
+    let clusters = kube.map(|(_, _, clusters)| clusters);
 
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
     let mut renewal = None;
@@ -438,7 +460,6 @@ pub async fn start_server(
             max: cfg.max_ttl,
             max_backdate: cfg.max_backdate,
         },
-        cfg.cluster_id.clone(),
         cfg.trust_domain.clone(),
         impersonation,
         metrics.clone(),
@@ -449,6 +470,7 @@ pub async fn start_server(
             c.lease.clone(),
             Controllers {
                 client: client.clone(),
+                clusters: clusters.as_ref().map(|c| c.registry.subscribe()),
                 trust: trust_tx.subscribe(),
                 signer: signer.clone(),
                 root_configmaps: c.root_configmaps,
@@ -472,6 +494,9 @@ pub async fn start_server(
             Some((state, detail)) => format!("lease {name}: {} ({detail})", state.as_str()),
             None => format!("lease {name}: not observed yet"),
         }));
+    }
+    if let Some(c) = &clusters {
+        c.report_to(&readiness);
     }
     let metrics_fn: Arc<dyn Fn() -> String + Send + Sync> = {
         let m = metrics.clone();
@@ -519,6 +544,9 @@ pub async fn start_server(
                 trust::RELOAD_INTERVAL,
                 shutdown_rx.clone(),
             ));
+        }
+        if let Some(c) = clusters {
+            c.spawn(&mut background, shutdown_rx.clone());
         }
         if let Some((reg, in_use)) = registry {
             background.spawn(reg.run(in_use, local_rx, trust_tx.clone(), shutdown_rx.clone()));

@@ -206,6 +206,17 @@ pub struct ServerArgs {
     /// Name of istiod's TLS Secret [default: istiod-tls].
     #[arg(long, env = "MESHID_ISTIOD_SECRET_NAME")]
     pub istiod_secret_name: Option<String>,
+    /// Serve the remote clusters registered by Istio remote Secrets (label
+    /// `istio/multiCluster: "true"`) in --remote-secrets-namespace, watched (see
+    /// docs/multicluster.md) [default: false].
+    #[arg(long, env = "MESHID_REMOTE_SECRETS", num_args = 0..=1, default_missing_value = "true")]
+    pub remote_secrets: Option<bool>,
+    /// Namespace of the remote Secrets [default: $POD_NAMESPACE or meshid-system].
+    #[arg(long, env = "MESHID_REMOTE_SECRETS_NAMESPACE")]
+    pub remote_secrets_namespace: Option<String>,
+    /// Remote clusters from kubeconfig files, `CLUSTER_ID=PATH` comma-separated [default: none].
+    #[arg(long, env = "MESHID_REMOTE_KUBECONFIGS", value_delimiter = ',')]
+    pub remote_kubeconfigs: Option<Vec<String>>,
     /// Service accounts (namespace/name, comma-separated) that may request certificates for
     /// workloads on their node via `ImpersonatedIdentity` [default: istio-system/ztunnel].
     #[arg(long, env = "MESHID_TRUSTED_NODE_ACCOUNTS", value_delimiter = ',')]
@@ -357,6 +368,17 @@ pub struct ServerConfig {
     pub trusted_node_accounts: Vec<(String, String)>,
     /// Connection and request limits of the listeners.
     pub limits: ServerLimits,
+    /// Remote clusters (only with TokenReview authentication).
+    pub remote_clusters: RemoteClusters,
+}
+
+/// Where remote clusters come from (see [`crate::cluster`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RemoteClusters {
+    /// Namespace whose remote Secrets are watched; `None` when off.
+    pub secrets_namespace: Option<String>,
+    /// (cluster ID, kubeconfig file).
+    pub kubeconfigs: Vec<(String, PathBuf)>,
 }
 
 /// Settings of the leader-elected controllers.
@@ -731,6 +753,9 @@ impl ServerArgs {
             istiod_namespace,
             istiod_revision,
             istiod_secret_name,
+            remote_secrets,
+            remote_secrets_namespace,
+            remote_kubeconfigs,
             trusted_node_accounts,
             max_connections,
             handshake_timeout,
@@ -898,6 +923,7 @@ impl ServerArgs {
             }
         };
         let controllers = self.controller_config(&authn, &trust_domain, default_ttl, max_ttl)?;
+        let remote_clusters = self.remote_clusters(&authn, &cluster_id)?;
         Ok(ServerConfig {
             listen,
             http_listen,
@@ -922,6 +948,60 @@ impl ServerArgs {
             )
             .map_err(|m| invalid("--trusted-node-accounts", m))?,
             limits: self.limits()?,
+            remote_clusters,
+        })
+    }
+
+    /// Remote clusters need TokenReview authentication; file entries are `ID=PATH` with a
+    /// non-empty ID other than the local one, each ID once.
+    fn remote_clusters(
+        &self,
+        authn: &AuthnConfig,
+        local_id: &str,
+    ) -> Result<RemoteClusters, ConfigError> {
+        let secrets = self.remote_secrets.unwrap_or(false);
+        let files = self.remote_kubeconfigs.clone().unwrap_or_default();
+        if matches!(authn, AuthnConfig::StaticTokens(_)) && (secrets || !files.is_empty()) {
+            return Err(invalid(
+                "--static-tokens",
+                "remote clusters (--remote-secrets, --remote-kubeconfigs) need TokenReview",
+            ));
+        }
+        let mut kubeconfigs: Vec<(String, PathBuf)> = Vec::new();
+        for entry in files {
+            let (id, path) = entry
+                .split_once('=')
+                .filter(|(id, path)| !id.trim().is_empty() && !path.trim().is_empty())
+                .ok_or_else(|| {
+                    invalid(
+                        "--remote-kubeconfigs",
+                        format!("{entry:?} is not CLUSTER_ID=PATH"),
+                    )
+                })?;
+            let id = id.trim();
+            if id == local_id {
+                return Err(invalid(
+                    "--remote-kubeconfigs",
+                    format!("{id:?} is the local --cluster-id"),
+                ));
+            }
+            if kubeconfigs.iter().any(|(other, _)| other == id) {
+                return Err(invalid(
+                    "--remote-kubeconfigs",
+                    format!("cluster {id:?} named twice"),
+                ));
+            }
+            kubeconfigs.push((id.to_owned(), PathBuf::from(path.trim())));
+        }
+        let secrets_namespace = secrets.then(|| {
+            self.remote_secrets_namespace
+                .clone()
+                .or_else(|| std::env::var("POD_NAMESPACE").ok())
+                .unwrap_or_else(|| "meshid-system".into())
+        });
+        Ok(RemoteClusters {
+            secrets_namespace,
+            kubeconfigs,
         })
     }
 
@@ -1031,6 +1111,58 @@ mod tests {
                     queue_timeout: Duration::from_secs(5),
                 },
             }
+        );
+    }
+
+    #[test]
+    fn remote_clusters_are_off_by_default_and_named_by_id_and_path() {
+        let c = base().validate().unwrap();
+        assert_eq!(c.remote_clusters, RemoteClusters::default());
+        let c = ServerArgs {
+            remote_secrets: Some(true),
+            remote_secrets_namespace: Some("mesh".into()),
+            remote_kubeconfigs: Some(vec!["b=/etc/b.yaml".into(), " c = /etc/c.yaml".into()]),
+            ..base()
+        }
+        .validate()
+        .unwrap();
+        assert_eq!(c.remote_clusters.secrets_namespace.as_deref(), Some("mesh"));
+        assert_eq!(
+            c.remote_clusters.kubeconfigs,
+            vec![
+                ("b".to_owned(), PathBuf::from("/etc/b.yaml")),
+                ("c".to_owned(), PathBuf::from("/etc/c.yaml"))
+            ]
+        );
+        for bad in ["b", "=/x", "b=", "Kubernetes=/x"] {
+            let err = ServerArgs {
+                remote_kubeconfigs: Some(vec![bad.into()]),
+                ..base()
+            }
+            .validate()
+            .unwrap_err();
+            assert!(
+                err.to_string().contains("--remote-kubeconfigs"),
+                "{bad}: {err}"
+            );
+        }
+        let twice = ServerArgs {
+            remote_kubeconfigs: Some(vec!["b=/x".into(), "b=/y".into()]),
+            ..base()
+        };
+        assert!(twice.validate().is_err());
+        let static_tokens = ServerArgs {
+            static_tokens: Some("/tmp/tokens".into()),
+            root_configmap: Some(false),
+            remote_secrets: Some(true),
+            ..base()
+        };
+        assert!(
+            static_tokens
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("need TokenReview")
         );
     }
 
