@@ -62,7 +62,7 @@ impl Clusters {
     }
 
     /// Starts the remote-Secret watch (when configured) and the probes of remote clusters.
-    pub fn spawn(self, tasks: &mut JoinSet<()>, shutdown: watch::Receiver<bool>) {
+    pub fn spawn(self, tasks: &mut JoinSet<()>, shutdown: &watch::Receiver<bool>) {
         if let Some(namespace) = self.secrets_namespace {
             tracing::info!(%namespace, "watching remote secrets");
             tasks.spawn(watch_remote_secrets(
@@ -72,6 +72,6 @@ impl Clusters {
                 shutdown.clone(),
             ));
         }
-        tasks.spawn(self.registry.run_probes(shutdown));
+        tasks.spawn(self.registry.run_probes(shutdown.clone()));
     }
 }

@@ -120,20 +120,40 @@ struct Issued {
     ttl_decision: TtlDecision,
 }
 
+/// What a [`CaService`] is built from.
+pub struct CaServiceOptions {
+    /// Authenticates the caller's token.
+    pub authn: Arc<dyn Authenticator>,
+    /// Signs the leaf.
+    pub signer: Arc<dyn Signer>,
+    /// The current trust bundle: issued chains are verified against it and it is appended to
+    /// every response.
+    pub trust: watch::Receiver<Arc<TrustBundle>>,
+    /// Lifetime policy.
+    pub durations: Durations,
+    /// SPIFFE trust domain of the identities issued.
+    pub trust_domain: String,
+    /// Decides `ImpersonatedIdentity` requests; `None` refuses every one.
+    pub impersonation: Option<Arc<dyn ImpersonationAuthorizer>>,
+    /// Request counters and the audit of outcomes.
+    pub metrics: ServerMetrics,
+    /// The per-identity issuance rate limit; `None` issues without one.
+    pub limiter: Option<IssuanceLimiter>,
+}
+
 impl CaService {
-    /// Builds the service. `impersonation` of `None` refuses every `ImpersonatedIdentity`;
-    /// `limiter` of `None` issues without a rate limit.
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        authn: Arc<dyn Authenticator>,
-        signer: Arc<dyn Signer>,
-        trust: watch::Receiver<Arc<TrustBundle>>,
-        durations: Durations,
-        trust_domain: String,
-        impersonation: Option<Arc<dyn ImpersonationAuthorizer>>,
-        metrics: ServerMetrics,
-        limiter: Option<IssuanceLimiter>,
-    ) -> Self {
+    /// Builds the service from `opts`.
+    pub fn new(opts: CaServiceOptions) -> Self {
+        let CaServiceOptions {
+            authn,
+            signer,
+            trust,
+            durations,
+            trust_domain,
+            impersonation,
+            metrics,
+            limiter,
+        } = opts;
         let issued = metrics
             .requests
             .get_or_create(&OutcomeLabels {
