@@ -557,6 +557,7 @@ async fn one_meshid_serves_two_clusters_by_clusterid_and_stops_serving_b_when_it
             .unwrap_err(),
         Code::PermissionDenied
     );
+    let registered = std::time::Instant::now();
     m.register_b().await;
     let chain = eventually(WAIT, || async {
         m.call(&server, Some(B), &token_b, &web, false)
@@ -565,6 +566,10 @@ async fn one_meshid_serves_two_clusters_by_clusterid_and_stops_serving_b_when_it
     })
     .await
     .unwrap();
+    eprintln!(
+        "cluster B served {:?} after its Secret was created (role applied, token minted, Secret created)",
+        registered.elapsed()
+    );
     assert!(names(&chain, &web));
 
     // Each cluster's token, with its own clusterid (or none for the local cluster).
@@ -644,6 +649,7 @@ async fn one_meshid_serves_two_clusters_by_clusterid_and_stops_serving_b_when_it
     );
 
     // Deleting the remote Secret stops issuance for cluster B.
+    let deleted = std::time::Instant::now();
     Api::<Secret>::namespaced(m.a.admin_client(), &m.ns)
         .delete("istio-remote-secret-cluster-b", &DeleteParams::default())
         .await
@@ -656,6 +662,10 @@ async fn one_meshid_serves_two_clusters_by_clusterid_and_stops_serving_b_when_it
     })
     .await
     .unwrap();
+    eprintln!(
+        "cluster B refused {:?} after its Secret was deleted",
+        deleted.elapsed()
+    );
     assert!(
         m.call(&server, Some(A), &token_a, &web, false)
             .await

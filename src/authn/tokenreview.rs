@@ -505,6 +505,26 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn an_unknown_cluster_is_refused_before_any_review_and_the_local_one_by_its_id() {
+        let (s, a) = authn(vec![Ok(ok_review())]);
+        assert_eq!(
+            a.authenticate(Some("elsewhere"), &jwt(1)).await,
+            Err(AuthnError::UnknownCluster)
+        );
+        assert_eq!(s.calls.load(Ordering::SeqCst), 0);
+        assert_eq!(
+            a.authenticate(Some("local"), &jwt(1))
+                .await
+                .unwrap()
+                .cluster,
+            "local"
+        );
+        // The same token with no header is the local cluster's: served from the cache.
+        assert!(a.authenticate(None, &jwt(1)).await.is_ok());
+        assert_eq!(s.calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
     async fn junk_tokens_are_refused_without_a_review() {
         let (s, a) = authn(vec![Ok(ok_review())]);
         for junk in ["x", "a.b.c", "Bearer", &"A".repeat(20_000)] {
