@@ -114,6 +114,7 @@ struct Issued {
     chain: Vec<String>,
     identity: SpiffeId,
     caller: String,
+    cluster: String,
     serial: String,
     not_after: OffsetDateTime,
     ttl: Duration,
@@ -215,6 +216,7 @@ impl CaService {
             chain,
             identity,
             caller: caller.identity.to_string(),
+            cluster: caller.cluster,
             serial: issued.serial_hex,
             not_after: issued.not_after,
             ttl,
@@ -395,6 +397,7 @@ impl IstioCertificateService for CaService {
                     ttl = issued.ttl_decision.as_str(),
                     signer = self.inner.signer.name(),
                     caller = %issued.caller,
+                    cluster = %issued.cluster,
                     %peer,
                     latency_us = latency.as_micros() as u64,
                     "certificate issued"
