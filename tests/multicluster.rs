@@ -638,6 +638,13 @@ async fn one_meshid_serves_two_clusters_by_clusterid_and_stops_serving_b_when_it
                 .await;
         }
     }
+    // Repaired in cluster B as in the local cluster.
+    Api::<ConfigMap>::namespaced(m.b.harness().admin_client(), &m.app)
+        .delete("istio-ca-root-cert", &DeleteParams::default())
+        .await
+        .unwrap();
+    m.wait_root_configmap(B, &m.app, &server.handle.root_pem)
+        .await;
     let ready = server.get("/readyz").await;
     assert!(ready.contains("cluster cluster-b: ready"), "{ready}");
     assert_eq!(

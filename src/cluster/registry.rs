@@ -661,6 +661,32 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_kubeconfig_file_registers_a_cluster_and_an_unreadable_one_is_reported() {
+        let (r, _) = registry();
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("b.yaml");
+        // A file may use what a Secret may not (here: a plain-http server).
+        std::fs::write(&file, kubeconfig("http://127.0.0.1:2")).unwrap();
+        r.add_file("b", file).await;
+        r.add_file("c", dir.path().join("missing.yaml")).await;
+        assert!(r.current().resolve(Some("b")).is_ok());
+        assert!(r.current().resolve(Some("c")).is_err());
+        let detail = r.describe();
+        assert!(
+            detail.contains("cluster c: invalid kubeconfig: file"),
+            "{detail}"
+        );
+        // A file takes precedence over a Secret naming the same cluster.
+        let from_file = r.current().resolve(Some("b")).unwrap().generation();
+        r.apply_secret("s1", data(&[("b", kubeconfig("https://127.0.0.1:3"))]))
+            .await;
+        assert_eq!(
+            r.current().resolve(Some("b")).unwrap().generation(),
+            from_file
+        );
+    }
+
+    #[tokio::test]
     async fn replacing_the_secrets_drops_those_no_longer_listed() {
         let (r, _) = registry();
         r.apply_secret("s1", data(&[("b", kubeconfig("https://127.0.0.1:2"))]))
