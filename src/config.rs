@@ -647,7 +647,7 @@ impl Validator<'_> {
                 "istio-system/ztunnel".to_owned()
             })],
         };
-        let trusted_node_accounts = crate::authn::parse_trusted_accounts(&trusted)
+        let trusted_node_accounts = crate::authz::parse_trusted_accounts(&trusted)
             .map_err(|m| invalid("--trusted-node-accounts", m))?;
         let limits = self.limits()?;
         let log_format = self.enum_or_default("log-format", a.log_format);

@@ -18,6 +18,8 @@ pub mod app;
 #[cfg(feature = "server")]
 pub mod authn;
 #[cfg(feature = "server")]
+pub mod authz;
+#[cfg(feature = "server")]
 pub mod config;
 #[cfg(feature = "server")]
 pub mod controller;
@@ -30,5 +32,6 @@ pub mod sds;
 #[cfg(feature = "server")]
 pub mod server;
 pub mod signer;
+pub mod svid;
 pub mod telemetry;
 pub mod trust;

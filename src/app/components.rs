@@ -13,16 +13,17 @@ use tokio::task::JoinSet;
 
 use super::AppError;
 use crate::authn::{
-    ApiLimiter, Authenticator, CacheTtls, KubeTokenReviewer, NodeAuthorizer,
-    StaticTokenAuthenticator, TokenCache, TokenReviewAuthenticator, TokenReviewOptions,
+    ApiLimiter, Authenticator, CacheTtls, KubeTokenReviewer, StaticTokenAuthenticator, TokenCache,
+    TokenReviewAuthenticator, TokenReviewOptions,
 };
+use crate::authz::{ImpersonationAuthorizer, NodeAuthorizer};
 use crate::config::{AuthnConfig, ControllerConfig, ServerConfig, ServingTls, SignerConfig};
 use crate::controller::{
     Controllers, InUse, LeaseObserver, LeaseSettings, SigningRoots, SigningRootsSettings,
     spawn_elector,
 };
 use crate::identity::LeafProfile;
-use crate::server::{ImpersonationAuthorizer, Readiness, ServingCertResolver, serving_config};
+use crate::server::{Readiness, ServingCertResolver, serving_config};
 use crate::signer::{LocalSigner, SignRequest, Signer};
 use crate::telemetry::{CertLabels, ResultLabels, ServerMetrics};
 use crate::trust::{self, TrustBundle};

@@ -13,11 +13,12 @@ use tonic::{Request, Response, Status};
 
 use super::Rejection;
 use super::issuance_limit::{Admission, IssuanceKey, IssuanceLimiter};
-use crate::authn::{Authenticator, AuthnError, AuthzError, Caller};
+use crate::authn::{Authenticator, AuthnError, Caller};
+use crate::authz::ImpersonationAuthorizer;
 use crate::identity::{LeafProfile, SpiffeId, check_csr};
 use crate::pem::parse_certs;
 use crate::proto::{IstioCertificateRequest, IstioCertificateResponse, IstioCertificateService};
-use crate::signer::{BoxFuture, IssuedChain, Provenance, SignRequest, Signer};
+use crate::signer::{IssuedChain, Provenance, SignRequest, Signer};
 use crate::telemetry::{OutcomeLabels, ServerMetrics};
 use crate::trust::{IssuerPathCache, TrustBundle, Usage, ValidationError};
 
@@ -83,18 +84,6 @@ impl Durations {
             (requested, TtlDecision::AsRequested)
         }
     }
-}
-
-/// Decides whether an authenticated caller (ztunnel) may obtain a certificate for `target`.
-/// Lives here because the handler consumes it; the Kubernetes node authorizer implements it.
-pub trait ImpersonationAuthorizer: Send + Sync {
-    /// `Ok(())` to allow; [`AuthzError::Denied`] to deny (the reason is logged, not returned);
-    /// [`AuthzError::Unavailable`] when the check could not be made (answered `UNAVAILABLE`).
-    fn authorize<'a>(
-        &'a self,
-        caller: &'a Caller,
-        target: &'a SpiffeId,
-    ) -> BoxFuture<'a, Result<(), AuthzError>>;
 }
 
 struct Inner {
