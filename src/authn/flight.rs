@@ -18,7 +18,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use futures::FutureExt;
 use futures::future::Shared;
 
-use crate::signer::BoxFuture;
+use futures::future::BoxFuture;
 
 type Call<V> = Shared<BoxFuture<'static, V>>;
 

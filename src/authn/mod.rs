@@ -17,7 +17,7 @@ mod tokenreview;
 use std::collections::BTreeMap;
 
 use crate::identity::SpiffeId;
-use crate::signer::BoxFuture;
+use futures::future::BoxFuture;
 
 pub use cache::{CacheTtls, TokenCache};
 pub use flight::SingleFlight;

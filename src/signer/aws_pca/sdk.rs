@@ -15,7 +15,7 @@ use super::api::{
     ApiError, CaDescription, CertificateAndChain, ExtendedKeyUsage, IssueRequest, PcaApi,
     ValidityKind,
 };
-use crate::signer::BoxFuture;
+use futures::future::BoxFuture;
 
 /// How long one request may take, including connecting.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
