@@ -120,6 +120,11 @@ impl Backoff {
 /// Coalesces concurrent calls with the same key: one runs, the others wait for and share its
 /// result. If the running caller is cancelled, a waiting one takes over. Finished results are
 /// not cached: the next call after completion runs again.
+///
+/// Standard parts: the waiting and the takeover are `tokio::sync::OnceCell::get_or_init`; ours
+/// is only the key map. Unlike `authn::SingleFlight` (on `futures::future::Shared`, which needs
+/// a `'static` call) it runs a call that borrows the request, and a cancelled PCA request is
+/// retried by the next waiter rather than kept running with nobody to answer.
 #[derive(Debug)]
 pub struct SingleFlight<K, V> {
     inflight: Mutex<HashMap<K, Arc<OnceCell<V>>>>,
