@@ -120,12 +120,7 @@ pub async fn start_server(
         authn: authn.authenticator,
         signer: signer.signer.clone(),
         trust: trust.tx.subscribe(),
-        durations: Durations {
-            default: cfg.default_ttl,
-            min: cfg.min_ttl,
-            max: cfg.max_ttl,
-            max_backdate: cfg.max_backdate,
-        },
+        durations: durations(&cfg),
         cluster_id: cfg.cluster_id.clone(),
         trust_domain: cfg.trust_domain.clone(),
         impersonation: authn.impersonation,
@@ -173,6 +168,16 @@ pub async fn start_server(
         root_pem,
         task,
     })
+}
+
+/// The lifetime policy of `cfg`.
+fn durations(cfg: &ServerConfig) -> Durations {
+    Durations {
+        default: cfg.default_ttl,
+        min: cfg.min_ttl,
+        max: cfg.max_ttl,
+        max_backdate: cfg.max_backdate,
+    }
 }
 
 /// A `watch` that turns true when `shutdown` completes.

@@ -17,7 +17,7 @@ mod tokenreview;
 use std::collections::BTreeMap;
 
 use crate::identity::SpiffeId;
-use crate::signer::BoxFuture;
+use futures::future::BoxFuture;
 
 pub(crate) use cache::{CacheTtls, TokenCache};
 pub(crate) use flight::SingleFlight;
