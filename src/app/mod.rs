@@ -123,12 +123,7 @@ pub async fn start_server(
         authn: authn.authenticator,
         signer: signer.signer.clone(),
         trust: trust.tx.subscribe(),
-        durations: Durations {
-            default: cfg.default_ttl,
-            min: cfg.min_ttl,
-            max: cfg.max_ttl,
-            max_backdate: cfg.max_backdate,
-        },
+        durations: durations(&cfg),
         trust_domain: cfg.trust_domain.clone(),
         impersonation: authn.impersonation,
         metrics: metrics.clone(),
@@ -181,6 +176,16 @@ pub async fn start_server(
         root_pem,
         task,
     })
+}
+
+/// The lifetime policy of `cfg`.
+fn durations(cfg: &ServerConfig) -> Durations {
+    Durations {
+        default: cfg.default_ttl,
+        min: cfg.min_ttl,
+        max: cfg.max_ttl,
+        max_backdate: cfg.max_backdate,
+    }
 }
 
 /// A `watch` that turns true when `shutdown` completes.

@@ -9,7 +9,7 @@ use sha2::{Digest, Sha256};
 
 use super::{Authenticator, AuthnError, Caller};
 use crate::identity::SpiffeId;
-use crate::signer::BoxFuture;
+use futures::future::BoxFuture;
 
 /// Maps SHA-256 digests of static tokens to callers.
 pub struct StaticTokenAuthenticator {

@@ -13,8 +13,8 @@ use super::{
     ApiLimiter, Authenticator, AuthnError, BackendError, Caller, Precheck, SingleFlight, TokenCache,
 };
 use crate::cluster::{ClusterRegistry, UnknownCluster};
-use crate::signer::BoxFuture;
 use crate::telemetry::{ResultLabels, ServerMetrics};
+use futures::future::BoxFuture;
 
 /// What a TokenReview said about a token.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -109,11 +109,13 @@ pub trait Reviewers: Send + Sync {
     fn for_cluster(&self, cluster_id: Option<&str>) -> Result<ClusterReviewer, UnknownCluster>;
 }
 
-/// One cluster, reviewed by one reviewer (meshid without remote clusters, and tests).
+/// One cluster, reviewed by one reviewer (the unit tests' scripted reviewer).
+#[cfg(test)]
 pub struct SingleCluster {
     reviewer: ClusterReviewer,
 }
 
+#[cfg(test)]
 impl SingleCluster {
     /// Cluster `cluster_id`, reviewed by `reviewer`.
     pub fn new(cluster_id: &str, reviewer: Arc<dyn TokenReviewer>) -> Self {
@@ -127,6 +129,7 @@ impl SingleCluster {
     }
 }
 
+#[cfg(test)]
 impl Reviewers for SingleCluster {
     fn for_cluster(&self, cluster_id: Option<&str>) -> Result<ClusterReviewer, UnknownCluster> {
         match cluster_id {

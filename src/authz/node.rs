@@ -22,7 +22,7 @@ use super::{AuthzError, Denial, ImpersonationAuthorizer};
 use crate::authn::{ApiLimiter, BackendError, Caller, PodRef, SingleFlight};
 use crate::cluster::ClusterRegistry;
 use crate::identity::SpiffeId;
-use crate::signer::BoxFuture;
+use futures::future::BoxFuture;
 
 /// How long positive lookups are cached.
 const POSITIVE_TTL: Duration = Duration::from_secs(5);

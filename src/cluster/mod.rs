@@ -12,11 +12,8 @@ mod kubeconfig;
 mod registry;
 mod remote_secrets;
 
-pub use kubeconfig::{CONNECT_TIMEOUT, KubeconfigError, check_untrusted, client_from_secret};
+pub use kubeconfig::KubeconfigError;
 pub use registry::{
-    Cluster, ClusterLabels, ClusterRegistry, ClusterSet, PROBE_INTERVAL, RemoteState,
-    UnknownCluster,
+    Cluster, ClusterLabels, ClusterRegistry, ClusterSet, RemoteState, UnknownCluster,
 };
-pub use remote_secrets::{
-    CLUSTER_ANNOTATION, MULTICLUSTER_LABEL, secret_clusters, watch_remote_secrets,
-};
+pub use remote_secrets::{CLUSTER_ANNOTATION, MULTICLUSTER_LABEL, watch_remote_secrets};
