@@ -11,8 +11,8 @@ use std::num::NonZeroUsize;
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
+use crate::digest::Sha256;
 use lru::LruCache;
-use sha2::{Digest, Sha256};
 
 use super::{AuthnError, Caller, TokenClaims};
 
@@ -80,7 +80,7 @@ impl TokenCache {
         h.update(cluster.as_bytes());
         h.update(generation.to_be_bytes());
         h.update(token.as_bytes());
-        h.finalize().into()
+        h.finalize()
     }
 
     /// A cached result for `key`, if one is still fresh at `now`. A hit counts as a use.

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use sha2::{Digest, Sha256};
+use crate::digest::Sha256;
 
 use super::{Authenticator, AuthnError, Caller};
 use crate::identity::SpiffeId;
@@ -82,7 +82,7 @@ impl StaticTokenAuthenticator {
                 username: format!("system:serviceaccount:{ns}:{sa}"),
                 pod: None,
             };
-            callers.insert(Sha256::digest(token.as_bytes()).into(), caller);
+            callers.insert(Sha256::digest(token.as_bytes()), caller);
         }
         Ok(Self {
             callers,
@@ -116,7 +116,7 @@ impl Authenticator for StaticTokenAuthenticator {
             Some(_) => Err(AuthnError::UnknownCluster),
         }
         .and_then(|()| {
-            let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+            let key: [u8; 32] = Sha256::digest(token.as_bytes());
             self.callers.get(&key).cloned().ok_or(AuthnError::Rejected)
         });
         Box::pin(async move { result })

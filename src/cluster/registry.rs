@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::digest::Sha256;
 use k8s_openapi::api::authorization::v1::{
     ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec,
 };
@@ -14,7 +15,6 @@ use kube::api::{Api, PostParams};
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use sha2::{Digest, Sha256};
 use tokio::sync::watch;
 
 use super::kubeconfig::{self, KubeconfigError};
@@ -221,7 +221,7 @@ impl ClusterRegistry {
     /// Registers the remote cluster `id` from the kubeconfig file `path`. A file that cannot be
     /// used is reported (log, metric, readiness detail), never fatal.
     pub async fn add_file(&self, id: &str, path: PathBuf) {
-        let fingerprint = Sha256::digest(path.as_os_str().as_encoded_bytes()).into();
+        let fingerprint = Sha256::digest(path.as_os_str().as_encoded_bytes());
         let built = kubeconfig::client_from_file(&path).await;
         self.update(vec![(
             (Source::File(path), id.to_owned()),
@@ -253,7 +253,7 @@ impl ClusterRegistry {
                 tracing::warn!(cluster = %id, secret = name, "remote secret names the local cluster; ignored");
                 continue;
             }
-            let fingerprint: [u8; 32] = Sha256::digest(&yaml).into();
+            let fingerprint: [u8; 32] = Sha256::digest(&yaml);
             let unchanged = self
                 .lock()
                 .entries

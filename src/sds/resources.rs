@@ -1,12 +1,12 @@
 //! The two SDS resources the agent serves, built from the current SVID.
 
+use crate::digest::Sha256;
 use envoy_types::pb::envoy::config::core::v3::{DataSource, data_source::Specifier};
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
     CertificateValidationContext, Secret, TlsCertificate, secret,
 };
 use envoy_types::pb::google::protobuf::Any;
 use envoy_types::util::pack_any;
-use sha2::{Digest, Sha256};
 
 use crate::svid::Svid;
 

@@ -3,10 +3,10 @@
 
 use std::time::Duration;
 
+use crate::digest::Sha256;
 use base64::Engine;
 use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair};
 use rustls_pki_types::CertificateDer;
-use sha2::{Digest, Sha256};
 use time::OffsetDateTime;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
@@ -101,7 +101,7 @@ pub fn coalescing_key(profile: &LeafProfile, spki_der: &[u8], ttl: Duration) -> 
         h.update((part.len() as u64).to_be_bytes());
         h.update(part);
     }
-    h.finalize().into()
+    h.finalize()
 }
 
 /// A canonical text of the names a profile certifies (for hashing).
