@@ -23,6 +23,7 @@ use crate::controller::{
     spawn_elector,
 };
 use crate::identity::LeafProfile;
+use crate::schedule::{self, Backoff};
 use crate::server::{Readiness, ServingCertResolver, serving_config};
 use crate::signer::{LocalSigner, SignRequest, Signer};
 use crate::telemetry::{CertLabels, ResultLabels, ServerMetrics};
@@ -31,7 +32,7 @@ use crate::trust::{self, TrustBundle};
 /// Lifetime of a self-issued serving certificate; it is renewed at half of it.
 const SERVING_TTL: Duration = Duration::from_secs(24 * 3600);
 /// Retry interval when renewing the serving certificate fails.
-const SERVING_RETRY: Duration = Duration::from_secs(30);
+const SERVING_RETRY: Backoff = Backoff::fixed(Duration::from_secs(30));
 /// How long a negative authentication result is cached.
 const NEGATIVE_CACHE_TTL: Duration = Duration::from_secs(2);
 /// How long one TokenReview may take.
@@ -440,10 +441,10 @@ pub(super) struct ServingCertRenewal {
 impl ServingCertRenewal {
     /// Renews until shutdown.
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        let mut failures = 0;
         loop {
-            let remaining =
-                (self.not_after - time::OffsetDateTime::now_utc()).max(time::Duration::ZERO);
-            let wait = Duration::try_from(remaining / 2).unwrap_or(SERVING_RETRY);
+            let now = time::OffsetDateTime::now_utc();
+            let wait = schedule::until(now, schedule::point_of_lifetime(now, self.not_after, 0.5));
             tokio::select! {
                 _ = shutdown.wait_for(|s| *s) => return,
                 _ = tokio::time::sleep(wait) => {}
@@ -451,6 +452,7 @@ impl ServingCertRenewal {
             match issue_serving_cert(self.signer.as_ref(), &self.hosts).await {
                 Ok((chain, key, new_not_after)) => match self.resolver.replace(&chain, &key) {
                     Ok(()) => {
+                        failures = 0;
                         self.not_after = new_not_after;
                         set_expiry(&self.metrics, "serving", new_not_after);
                         tracing::info!(not_after = %new_not_after, "renewed serving certificate");
@@ -459,9 +461,11 @@ impl ServingCertRenewal {
                 },
                 Err(e) => {
                     tracing::error!(error = %e, "serving certificate renewal failed; retrying");
+                    let delay = SERVING_RETRY.jittered(failures);
+                    failures = failures.saturating_add(1);
                     tokio::select! {
                         _ = shutdown.wait_for(|s| *s) => return,
-                        _ = tokio::time::sleep(SERVING_RETRY) => {}
+                        _ = tokio::time::sleep(delay) => {}
                     }
                 }
             }

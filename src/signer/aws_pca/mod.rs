@@ -32,7 +32,7 @@ pub use check::{LeafMismatch, check_leaf};
 pub use direct::DirectSigner;
 pub use error::PcaError;
 pub use intermediate::{IntermediateRenewal, IntermediateSigner};
-pub use limit::{Admission, Backoff, SingleFlight, TokenBucket};
+pub use limit::{Admission, SingleFlight, TokenBucket};
 pub use metrics::PcaMetrics;
 pub use options::{
     AwsPcaOptions, CaArn, DEFAULT_INTERMEDIATE_TTL, DEFAULT_MAX_PENDING, DEFAULT_TPS, PcaMode,
