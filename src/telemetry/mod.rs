@@ -3,6 +3,7 @@
 mod json;
 mod logging;
 mod metrics;
+mod probes;
 #[cfg(test)]
 mod testing;
 
@@ -12,3 +13,4 @@ pub use logging::{
     init_logging, init_logging_to,
 };
 pub use metrics::{CertLabels, OutcomeLabels, ResultLabels, ServerMetrics};
+pub use probes::{MetricsText, ReadinessCheck, probes_router};
