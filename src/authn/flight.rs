@@ -60,6 +60,7 @@ impl<K, V> SingleFlight<K, V> {
     }
 
     /// Whether no call is in flight.
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

@@ -19,14 +19,12 @@ use std::collections::BTreeMap;
 use crate::identity::SpiffeId;
 use futures::future::BoxFuture;
 
-pub use cache::{CacheTtls, TokenCache};
-pub use flight::SingleFlight;
-pub use limit::{ApiLimiter, ApiLimits};
-pub use precheck::{CLOCK_SKEW, MAX_TOKEN_BYTES, Precheck, PrecheckError, TokenClaims};
-pub use static_tokens::StaticTokenAuthenticator;
-pub use tokenreview::{
-    KubeTokenReviewer, ReviewResult, TokenReviewAuthenticator, TokenReviewOptions, TokenReviewer,
-};
+pub(crate) use cache::{CacheTtls, TokenCache};
+pub(crate) use flight::SingleFlight;
+pub(crate) use limit::{ApiLimiter, ApiLimits};
+pub use precheck::{MAX_TOKEN_BYTES, Precheck, PrecheckError, TokenClaims};
+pub(crate) use static_tokens::StaticTokenAuthenticator;
+pub(crate) use tokenreview::{KubeTokenReviewer, TokenReviewAuthenticator, TokenReviewOptions};
 
 /// Extra key the apiserver sets on pod-bound tokens: the pod's name.
 pub const EXTRA_POD_NAME: &str = "authentication.kubernetes.io/pod-name";

@@ -309,9 +309,9 @@ fn verify_issued(
     now: OffsetDateTime,
 ) -> Result<(), ValidationError> {
     match &issued.provenance {
-        Provenance::InProcess { issuer_path } => cache
-            .verify(bundle, &issued.leaf_pem, issuer_path, now)
-            .map(|_| ()),
+        Provenance::InProcess { issuer_path } => {
+            cache.verify(bundle, &issued.leaf_pem, issuer_path, now)
+        }
         Provenance::Upstream => {
             let mut ders = parse_certs(&issued.leaf_pem)
                 .map_err(|_| ValidationError::Malformed { index: 0 })?;

@@ -140,12 +140,14 @@ impl<K: Eq + Hash + Clone, V: Clone> SingleFlight<K, V> {
         (value, !ran)
     }
 
-    /// Keys currently running (for tests and metrics).
+    /// Keys currently running.
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.inflight.lock().map(|m| m.len()).unwrap_or(0)
     }
 
     /// Whether nothing is running.
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
