@@ -1,6 +1,6 @@
-//! Logging (tracing, with a JSON line format of our own) and Prometheus metrics.
+//! Logging (tracing, text or tracing-subscriber's JSON lines), Prometheus metrics, and the
+//! probes/metrics HTTP router.
 
-mod json;
 mod logging;
 #[cfg(feature = "server")]
 mod metrics;
