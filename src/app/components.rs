@@ -126,16 +126,7 @@ impl Authentication {
                 limits,
             } => {
                 let client = kube_client(kubeconfig.as_deref()).await?;
-                let refused = Counter::<u64>::default();
-                metrics.register_with(|r| {
-                    r.register(
-                        "apiserver_calls_refused",
-                        "Authentication and authorization calls to the apiserver refused because \
-                         --apiserver-concurrency calls were running and --apiserver-queue waiting",
-                        refused.clone(),
-                    );
-                });
-                let limiter = ApiLimiter::new(*limits, refused);
+                let limiter = api_limiter(*limits, metrics);
                 let clusters = Clusters::build(
                     &opts.cluster_id,
                     client.clone(),
@@ -179,6 +170,20 @@ impl Authentication {
             }
         }
     }
+}
+
+/// The bound on apiserver calls made for callers, counting refusals in `metrics`.
+fn api_limiter(limits: crate::authn::ApiLimits, metrics: &ServerMetrics) -> ApiLimiter {
+    let refused = Counter::<u64>::default();
+    metrics.register_with(|r| {
+        r.register(
+            "apiserver_calls_refused",
+            "Authentication and authorization calls to the apiserver refused because \
+             --apiserver-concurrency calls were running and --apiserver-queue waiting",
+            refused.clone(),
+        );
+    });
+    ApiLimiter::new(limits, refused)
 }
 
 /// A client from `kubeconfig`, or the in-cluster configuration.
