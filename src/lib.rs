@@ -31,6 +31,7 @@ pub mod pem;
 pub mod proto;
 #[cfg(feature = "server")]
 pub mod quickstart;
+pub mod schedule;
 pub mod sds;
 #[cfg(feature = "server")]
 pub mod server;

@@ -6,6 +6,8 @@ use std::time::Duration;
 
 use time::OffsetDateTime;
 
+use crate::schedule::{self, Backoff};
+
 /// The rotation policy is invalid. The message names the setting.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[non_exhaustive]
@@ -99,12 +101,14 @@ impl RotationPolicy {
         jitter_sample: f64,
     ) -> Duration {
         let start = received_at.max(not_before);
-        let lifetime = Duration::try_from(not_after - start).unwrap_or(Duration::ZERO);
         let jitter = self.jitter * jitter_sample.clamp(0.0, 1.0);
-        let until_refresh = lifetime.mul_f64(self.refresh_fraction * (1.0 - jitter));
+        let fraction = self.refresh_fraction * (1.0 - jitter);
+        let until_refresh = schedule::until(
+            start,
+            schedule::point_of_lifetime(start, not_after, fraction),
+        );
         // If the certificate is not valid yet (clock skew), wait at least until it is.
-        let not_yet_valid = Duration::try_from(not_before - received_at).unwrap_or(Duration::ZERO);
-        until_refresh.max(not_yet_valid)
+        until_refresh.max(schedule::until(received_at, not_before))
     }
 
     /// How long to wait after the `failures`-th consecutive failure (1 for the first) before the
@@ -121,14 +125,16 @@ impl RotationPolicy {
         remaining: Option<Duration>,
         jitter_sample: f64,
     ) -> Duration {
-        let exponent = failures.saturating_sub(1).min(31);
-        let exponential = self.retry_initial.saturating_mul(1u32 << exponent);
-        let mut delay = exponential.min(self.retry_max);
+        let backoff = Backoff {
+            base: self.retry_initial,
+            cap: self.retry_max,
+            jitter: self.jitter,
+        };
+        let mut delay = backoff.ceiling(failures.saturating_sub(1));
         if let Some(remaining) = remaining {
             delay = delay.min(remaining / 4);
         }
-        let jitter = self.jitter * jitter_sample.clamp(0.0, 1.0);
-        delay.mul_f64(1.0 - jitter).max(MIN_RETRY)
+        backoff.shorten(delay, jitter_sample).max(MIN_RETRY)
     }
 }
 

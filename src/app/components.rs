@@ -27,6 +27,7 @@ use crate::controller::{
     spawn_elector,
 };
 use crate::identity::LeafProfile;
+use crate::schedule::{self, Backoff};
 use crate::server::{Readiness, ServingCertResolver, serving_config};
 use crate::signer::{LocalSigner, SignRequest, Signer};
 use crate::telemetry::{CertLabels, ResultLabels, ServerMetrics};
@@ -35,7 +36,7 @@ use crate::trust::{self, TrustBundle};
 /// Lifetime of a self-issued serving certificate; it is renewed at half of it.
 const SERVING_TTL: Duration = Duration::from_secs(24 * 3600);
 /// Retry interval when renewing the serving certificate fails.
-const SERVING_RETRY: Duration = Duration::from_secs(30);
+const SERVING_RETRY: Backoff = Backoff::fixed(Duration::from_secs(30));
 /// How long a negative authentication result is cached.
 const NEGATIVE_CACHE_TTL: Duration = Duration::from_secs(2);
 /// How long one TokenReview may take.
@@ -125,16 +126,7 @@ impl Authentication {
                 limits,
             } => {
                 let client = kube_client(kubeconfig.as_deref()).await?;
-                let refused = Counter::<u64>::default();
-                metrics.register_with(|r| {
-                    r.register(
-                        "apiserver_calls_refused",
-                        "Authentication and authorization calls to the apiserver refused because \
-                         --apiserver-concurrency calls were running and --apiserver-queue waiting",
-                        refused.clone(),
-                    );
-                });
-                let limiter = ApiLimiter::new(*limits, refused);
+                let limiter = api_limiter(*limits, metrics);
                 let clusters = Clusters::build(
                     &opts.cluster_id,
                     client.clone(),
@@ -178,6 +170,20 @@ impl Authentication {
             }
         }
     }
+}
+
+/// The bound on apiserver calls made for callers, counting refusals in `metrics`.
+fn api_limiter(limits: crate::authn::ApiLimits, metrics: &ServerMetrics) -> ApiLimiter {
+    let refused = Counter::<u64>::default();
+    metrics.register_with(|r| {
+        r.register(
+            "apiserver_calls_refused",
+            "Authentication and authorization calls to the apiserver refused because \
+             --apiserver-concurrency calls were running and --apiserver-queue waiting",
+            refused.clone(),
+        );
+    });
+    ApiLimiter::new(limits, refused)
 }
 
 /// A client from `kubeconfig`, or the in-cluster configuration.
@@ -464,10 +470,10 @@ pub(super) struct ServingCertRenewal {
 impl ServingCertRenewal {
     /// Renews until shutdown.
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        let mut failures = 0;
         loop {
-            let remaining =
-                (self.not_after - time::OffsetDateTime::now_utc()).max(time::Duration::ZERO);
-            let wait = Duration::try_from(remaining / 2).unwrap_or(SERVING_RETRY);
+            let now = time::OffsetDateTime::now_utc();
+            let wait = schedule::until(now, schedule::point_of_lifetime(now, self.not_after, 0.5));
             tokio::select! {
                 _ = shutdown.wait_for(|s| *s) => return,
                 _ = tokio::time::sleep(wait) => {}
@@ -475,6 +481,7 @@ impl ServingCertRenewal {
             match issue_serving_cert(self.signer.as_ref(), &self.hosts).await {
                 Ok((chain, key, new_not_after)) => match self.resolver.replace(&chain, &key) {
                     Ok(()) => {
+                        failures = 0;
                         self.not_after = new_not_after;
                         set_expiry(&self.metrics, "serving", new_not_after);
                         tracing::info!(not_after = %new_not_after, "renewed serving certificate");
@@ -483,9 +490,11 @@ impl ServingCertRenewal {
                 },
                 Err(e) => {
                     tracing::error!(error = %e, "serving certificate renewal failed; retrying");
+                    let delay = SERVING_RETRY.jittered(failures);
+                    failures = failures.saturating_add(1);
                     tokio::select! {
                         _ = shutdown.wait_for(|s| *s) => return,
-                        _ = tokio::time::sleep(SERVING_RETRY) => {}
+                        _ = tokio::time::sleep(delay) => {}
                     }
                 }
             }

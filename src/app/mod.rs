@@ -129,13 +129,7 @@ pub async fn start_server(
         metrics: metrics.clone(),
         limiter: cfg.issuance_limit.as_ref().map(IssuanceLimiter::new),
     });
-    let readiness = Readiness::default();
-    if let Some(c) = &controllers {
-        c.report_to(&readiness);
-    }
-    if let Some(c) = &clusters {
-        c.report_to(&readiness);
-    }
+    let readiness = readiness(controllers.as_ref(), clusters.as_ref());
     let shutdown = shutdown_channel(shutdown);
     let (grpc_addr, http_addr) = (listeners.grpc_addr, listeners.http_addr);
     let root_pem = trust.root_pem.clone();
@@ -176,6 +170,21 @@ pub async fn start_server(
         root_pem,
         task,
     })
+}
+
+/// `/readyz`, with the Lease state and the remote clusters' state as detail.
+fn readiness(
+    controllers: Option<&ControllerSet>,
+    clusters: Option<&clusters::Clusters>,
+) -> Readiness {
+    let readiness = Readiness::default();
+    if let Some(c) = controllers {
+        c.report_to(&readiness);
+    }
+    if let Some(c) = clusters {
+        c.report_to(&readiness);
+    }
+    readiness
 }
 
 /// The lifetime policy of `cfg`.

@@ -106,9 +106,12 @@ pub fn renewal_due(
     }
     let nb = leaf.validity().not_before.to_datetime();
     let na = leaf.validity().not_after.to_datetime();
-    let half = nb + (na - nb) / 2;
+    let half = crate::schedule::point_of_lifetime(nb, na, 0.5);
     (half > now).then_some(half)
 }
+
+/// Delay after a failed reconcile.
+const RETRY: crate::schedule::Backoff = crate::schedule::Backoff::fixed(Duration::from_secs(10));
 
 async fn write_secret(
     api: &Api<Secret>,
@@ -190,12 +193,12 @@ pub async fn run_istiod_cert(
             Err(e) => Err(e.into()),
         };
         let wait = match next {
-            Ok(at) => Duration::try_from(at - OffsetDateTime::now_utc())
-                .unwrap_or(Duration::ZERO)
-                .min(Duration::from_secs(3600)),
+            Ok(at) => {
+                crate::schedule::until(OffsetDateTime::now_utc(), at).min(Duration::from_secs(3600))
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "istiod certificate reconcile failed; retrying");
-                Duration::from_secs(10)
+                RETRY.jittered(0)
             }
         };
         tokio::select! {

@@ -5,10 +5,8 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use axum::Router;
-use axum::extract::State;
-use axum::http::{StatusCode, header};
-use axum::response::IntoResponse;
-use axum::routing::get;
+
+use crate::telemetry::{MetricsText, probes_router};
 
 /// A line of detail appended to the `/readyz` body (it never changes the status).
 pub type ReadinessDetail = Arc<dyn Fn() -> String + Send + Sync>;
@@ -58,59 +56,38 @@ impl Readiness {
     }
 }
 
-#[derive(Clone)]
-struct HttpState {
-    ready: Readiness,
-    metrics: Arc<dyn Fn() -> String + Send + Sync>,
+/// The probes/metrics router ([`probes_router`]): `/readyz` says "ready" or "not ready" (200 or
+/// 503), followed by the readiness detail. `metrics` renders the Prometheus text exposition.
+pub fn http_router(ready: Readiness, metrics: MetricsText) -> Router {
+    probes_router(Arc::new(move || ready.report()), metrics)
 }
 
-/// The probes/metrics router. `metrics` renders the Prometheus text exposition.
-pub fn http_router(ready: Readiness, metrics: Arc<dyn Fn() -> String + Send + Sync>) -> Router {
-    Router::new()
-        .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics_handler))
-        .with_state(HttpState { ready, metrics })
-}
-
-async fn readyz(State(s): State<HttpState>) -> impl IntoResponse {
-    let detail = s.ready.detail();
-    let sep = if detail.is_empty() { "" } else { "\n" };
-    if s.ready.get() {
-        (StatusCode::OK, format!("ready{sep}{detail}"))
-    } else {
-        (
-            StatusCode::SERVICE_UNAVAILABLE,
-            format!("not ready{sep}{detail}"),
-        )
+impl Readiness {
+    /// Whether the server is ready, and the `/readyz` body.
+    fn report(&self) -> (bool, String) {
+        let detail = self.detail();
+        let sep = if detail.is_empty() { "" } else { "\n" };
+        if self.get() {
+            (true, format!("ready{sep}{detail}"))
+        } else {
+            (false, format!("not ready{sep}{detail}"))
+        }
     }
-}
-
-async fn metrics_handler(State(s): State<HttpState>) -> impl IntoResponse {
-    (
-        [(
-            header::CONTENT_TYPE,
-            "application/openmetrics-text; version=1.0.0; charset=utf-8",
-        )],
-        (s.metrics)(),
-    )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use axum::http::StatusCode;
 
     async fn readyz_of(ready: &Readiness) -> (StatusCode, String) {
-        let state = HttpState {
-            ready: ready.clone(),
-            metrics: Arc::new(String::new),
+        let (ok, body) = ready.report();
+        let status = if ok {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
         };
-        let response = readyz(State(state)).await.into_response();
-        let status = response.status();
-        let body = axum::body::to_bytes(response.into_body(), 1 << 16)
-            .await
-            .unwrap();
-        (status, String::from_utf8(body.to_vec()).unwrap())
+        (status, body)
     }
 
     #[tokio::test]

@@ -1,9 +1,10 @@
-//! Logging (tracing, with a JSON line format of our own) and Prometheus metrics.
+//! Logging (tracing, text or tracing-subscriber's JSON lines), Prometheus metrics, and the
+//! probes/metrics HTTP router.
 
-mod json;
 mod logging;
 #[cfg(feature = "server")]
 mod metrics;
+mod probes;
 #[cfg(test)]
 mod testing;
 
@@ -11,3 +12,4 @@ pub(crate) use logging::DroppedLogLines;
 pub use logging::{LogFormat, LogGuard, init_logging, init_logging_to};
 #[cfg(feature = "server")]
 pub(crate) use metrics::{CertLabels, OutcomeLabels, ResultLabels, ServerMetrics};
+pub use probes::{MetricsText, ReadinessCheck, probes_router};

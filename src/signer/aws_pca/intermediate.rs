@@ -16,10 +16,10 @@ use time::OffsetDateTime;
 use tokio::sync::watch;
 
 use super::PcaError;
-use super::limit::Backoff;
 use super::request::{intermediate_csr, intermediate_issue_request, split_chain};
 use super::upstream::Upstream;
 use crate::pem::cert_to_pem;
+use crate::schedule::{self, Backoff};
 use futures::future::BoxFuture;
 
 use crate::signer::{IssuedChain, LocalSigner, SignRequest, Signer, SignerError};
@@ -36,16 +36,19 @@ pub const MIN_RENEWAL_INTERVAL: Duration = Duration::from_secs(3600);
 /// it is renewed. Renewal starts at least `--max-ttl` + [`RENEW_MARGIN`] before expiry, so this
 /// is reached only after PCA has failed for over an hour.
 pub const LEAF_FLOOR: Duration = Duration::from_secs(600);
-/// Delays between failed renewal attempts while the intermediate can still sign.
+/// Delays between failed renewal attempts while the intermediate can still sign ("equal
+/// jitter": between half and all of the exponential delay).
 const RETRY: Backoff = Backoff {
     base: Duration::from_secs(10),
     cap: Duration::from_secs(600),
+    jitter: 0.5,
 };
 /// Delays between failed renewal attempts once it cannot (expired, or within [`LEAF_FLOOR`] of
 /// expiry): signing is down, so PCA's return must be noticed within seconds.
 const URGENT_RETRY: Backoff = Backoff {
     base: Duration::from_secs(1),
     cap: Duration::from_secs(5),
+    jitter: 0.5,
 };
 
 /// The time from one intermediate's issuance to its renewal for the settings `ttl` and
@@ -88,7 +91,7 @@ pub fn renew_at(
     max_leaf_ttl: Duration,
 ) -> OffsetDateTime {
     let full_leaves_until = not_after - max_leaf_ttl - RENEW_MARGIN;
-    let half_life = not_before + (not_after - not_before) / 2;
+    let half_life = schedule::point_of_lifetime(not_before, not_after, 0.5);
     full_leaves_until.max(half_life)
 }
 
@@ -297,8 +300,7 @@ impl IntermediateRenewal {
     /// backoff (the current intermediate keeps signing until it expires).
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
         loop {
-            let wait = Duration::try_from(self.renew_at() - OffsetDateTime::now_utc())
-                .unwrap_or(Duration::ZERO);
+            let wait = schedule::until(OffsetDateTime::now_utc(), self.renew_at());
             tokio::select! {
                 _ = shutdown.wait_for(|s| *s) => return,
                 _ = tokio::time::sleep(wait) => {}

@@ -1,12 +1,12 @@
 //! Client-side protection for PCA: a token bucket (requests per second), a bound on waiting
-//! requests, jittered exponential backoff, and single-flight coalescing of identical requests.
+//! requests, and single-flight coalescing of identical requests (the backoff is
+//! [`crate::schedule::Backoff`]).
 //! All waiting uses `tokio::time`, so tests can pause time.
 
 use std::collections::HashMap;
 use std::hash::Hash;
 use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use tokio::sync::{OnceCell, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
@@ -90,33 +90,6 @@ impl Admission {
     }
 }
 
-/// Exponential backoff with "equal jitter": attempt `n` (0-based) waits between half and all of
-/// `min(cap, base * 2^n)`, so retries spread out but never fire back to back.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Backoff {
-    /// First delay.
-    pub base: Duration,
-    /// Largest delay.
-    pub cap: Duration,
-}
-
-impl Backoff {
-    /// The delay before retry `attempt` given a uniform random `unit` in `[0, 1)`.
-    pub fn delay(&self, attempt: u32, unit: f64) -> Duration {
-        let exp = self
-            .base
-            .saturating_mul(2u32.saturating_pow(attempt.min(20)))
-            .min(self.cap);
-        let half = exp / 2;
-        half + half.mul_f64(unit.clamp(0.0, 1.0))
-    }
-
-    /// [`Backoff::delay`] with a random `unit`.
-    pub fn jittered(&self, attempt: u32) -> Duration {
-        self.delay(attempt, rand::random::<f64>())
-    }
-}
-
 /// Coalesces concurrent calls with the same key: one runs, the others wait for and share its
 /// result. If the running caller is cancelled, a waiting one takes over. Finished results are
 /// not cached: the next call after completion runs again.
@@ -184,6 +157,7 @@ impl<K: Eq + Hash + Clone, V: Clone> SingleFlight<K, V> {
 mod tests {
     use super::*;
     use std::sync::atomic::{AtomicU32, Ordering};
+    use std::time::Duration;
 
     #[tokio::test(start_paused = true)]
     async fn the_bucket_allows_a_burst_then_spaces_requests_at_the_rate() {
@@ -225,23 +199,6 @@ mod tests {
             // The i-th token is available at i/5 s.
             let due = Duration::from_millis(200 * i as u64);
             assert!(*t + Duration::from_millis(5) >= due, "token {i} at {t:?}");
-        }
-    }
-
-    #[test]
-    fn backoff_grows_exponentially_up_to_the_cap_with_bounded_jitter() {
-        let b = Backoff {
-            base: Duration::from_millis(100),
-            cap: Duration::from_secs(2),
-        };
-        assert_eq!(b.delay(0, 0.0), Duration::from_millis(50));
-        assert_eq!(b.delay(0, 1.0), Duration::from_millis(100));
-        assert_eq!(b.delay(3, 0.0), Duration::from_millis(400));
-        assert_eq!(b.delay(10, 1.0), Duration::from_secs(2));
-        assert_eq!(b.delay(u32::MAX, 0.5), Duration::from_millis(1500));
-        for n in 0..8 {
-            let d = b.jittered(n);
-            assert!(d >= b.delay(n, 0.0) && d <= b.delay(n, 1.0));
         }
     }
 

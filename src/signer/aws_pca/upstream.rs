@@ -10,12 +10,13 @@ use tokio::time::Instant;
 
 use super::PcaError;
 use super::api::{Api, ApiError, CaDescription, CertificateAndChain, IssueRequest, PcaApi};
-use super::limit::{Backoff, TokenBucket};
+use super::limit::TokenBucket;
 use super::metrics::{KindLabels, PcaMetrics};
+use crate::schedule::Backoff;
 use futures::future::BoxFuture;
 
 /// How hard to try.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RetryPolicy {
     /// Attempts per call for retryable failures (throttling, timeouts, 5xx), at least 1.
     pub attempts: u32,
@@ -34,11 +35,13 @@ impl Default for RetryPolicy {
             backoff: Backoff {
                 base: Duration::from_millis(200),
                 cap: Duration::from_secs(5),
+                jitter: 0.5,
             },
             polls: 30,
             poll_backoff: Backoff {
                 base: Duration::from_millis(100),
                 cap: Duration::from_secs(2),
+                jitter: 0.5,
             },
         }
     }
