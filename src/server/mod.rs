@@ -3,6 +3,7 @@
 
 mod ca_service;
 mod coalesce;
+mod h2_refusals;
 mod http;
 mod issuance_limit;
 mod limits;
@@ -12,6 +13,7 @@ mod tls;
 
 pub use ca_service::{CaService, Durations, ImpersonationAuthorizer, TtlDecision};
 pub use coalesce::CoalescingIo;
+pub use h2_refusals::{H2Refusal, RefusalWatch, ServerFrameScan};
 pub use http::{Readiness, http_router};
 pub use issuance_limit::{
     Admission, DEFAULT_BURST, DEFAULT_INTERVAL, DEFAULT_MAX_KEYS, IssuanceKey,
