@@ -18,9 +18,11 @@ pub mod app;
 #[cfg(feature = "server")]
 pub mod authn;
 #[cfg(feature = "server")]
+pub(crate) mod authz;
+#[cfg(feature = "server")]
 pub mod config;
 #[cfg(feature = "server")]
-pub mod controller;
+pub(crate) mod controller;
 pub mod identity;
 pub mod pem;
 pub mod proto;
@@ -30,5 +32,6 @@ pub mod sds;
 #[cfg(feature = "server")]
 pub mod server;
 pub mod signer;
+pub(crate) mod svid;
 pub mod telemetry;
 pub mod trust;

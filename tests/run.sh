@@ -31,6 +31,9 @@ hash -r
 
 step "cargo fmt --check"
 cargo fmt --all -- --check
+step "no function in src/ over 80 lines (tests/fn-length/check.py)"
+python3 tests/fn-length/check.py --self-test
+python3 tests/fn-length/check.py
 step "cargo clippy"
 cargo clippy --all-targets --locked -- -D warnings
 step "agent-only build (--no-default-features): clippy and unit tests"

@@ -143,12 +143,14 @@ impl TokenCache {
     }
 
     /// Number of entries (fresh or not).
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         entries.positive.len() + entries.negative.len()
     }
 
     /// Whether the cache is empty.
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

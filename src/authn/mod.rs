@@ -10,7 +10,6 @@
 mod cache;
 mod flight;
 mod limit;
-mod node;
 mod precheck;
 mod static_tokens;
 mod tokenreview;
@@ -18,17 +17,14 @@ mod tokenreview;
 use std::collections::BTreeMap;
 
 use crate::identity::SpiffeId;
-use crate::signer::BoxFuture;
+use futures::future::BoxFuture;
 
-pub use cache::{CacheTtls, TokenCache};
-pub use flight::SingleFlight;
-pub use limit::{ApiLimiter, ApiLimits};
-pub use node::{AuthzError, Denial, NodeAuthorizer, PodLookup, parse_trusted_accounts};
-pub use precheck::{CLOCK_SKEW, MAX_TOKEN_BYTES, Precheck, PrecheckError, TokenClaims};
-pub use static_tokens::StaticTokenAuthenticator;
-pub use tokenreview::{
-    KubeTokenReviewer, ReviewResult, TokenReviewAuthenticator, TokenReviewOptions, TokenReviewer,
-};
+pub(crate) use cache::{CacheTtls, TokenCache};
+pub(crate) use flight::SingleFlight;
+pub(crate) use limit::{ApiLimiter, ApiLimits};
+pub use precheck::{MAX_TOKEN_BYTES, Precheck, PrecheckError, TokenClaims};
+pub(crate) use static_tokens::StaticTokenAuthenticator;
+pub(crate) use tokenreview::{KubeTokenReviewer, TokenReviewAuthenticator, TokenReviewOptions};
 
 /// Extra key the apiserver sets on pod-bound tokens: the pod's name.
 pub const EXTRA_POD_NAME: &str = "authentication.kubernetes.io/pod-name";

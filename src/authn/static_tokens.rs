@@ -8,7 +8,7 @@ use std::path::Path;
 use super::TokenCache;
 use super::{Authenticator, AuthnError, Caller};
 use crate::identity::SpiffeId;
-use crate::signer::BoxFuture;
+use futures::future::BoxFuture;
 
 /// Maps SHA-256 digests of static tokens to callers.
 pub struct StaticTokenAuthenticator {

@@ -12,8 +12,8 @@ use super::cache::TokenKey;
 use super::{
     ApiLimiter, Authenticator, AuthnError, BackendError, Caller, Precheck, SingleFlight, TokenCache,
 };
-use crate::signer::BoxFuture;
 use crate::telemetry::{ResultLabels, ServerMetrics};
+use futures::future::BoxFuture;
 
 /// What a TokenReview said about a token.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

@@ -6,10 +6,8 @@ mod leader;
 mod root_configmap;
 mod signing_roots;
 
-pub use signing_roots::{
-    InUse, Record, SIGNING_ROOTS_SUFFIX, SigningRoots, SigningRootsError, SigningRootsSettings,
-    compose, configmap_key, roots_in_use,
-};
+pub(crate) use signing_roots::InUse;
+pub use signing_roots::{SigningRoots, SigningRootsError, SigningRootsSettings, compose};
 
 use std::sync::Arc;
 
@@ -17,14 +15,9 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use tokio::sync::watch;
 
-pub use istiod_cert::{IstiodCertError, IstiodCertSettings, renewal_due, run_istiod_cert};
-pub use leader::{
-    LeaseAction, LeaseObserver, LeaseSettings, LeaseState, LeaseStateLabels, decide, spawn_elector,
-};
-pub use root_configmap::{
-    Desired, ISTIO_CONFIG_LABEL, ROOT_CERT_KEY, ROOT_CONFIGMAP, RootConfigMapError, desired,
-    run_root_configmaps,
-};
+pub use istiod_cert::{IstiodCertSettings, run_istiod_cert};
+pub use leader::{LeaseObserver, LeaseSettings, spawn_elector};
+pub use root_configmap::run_root_configmaps;
 
 use crate::signer::Signer;
 use crate::telemetry::ResultLabels;
