@@ -253,13 +253,13 @@ fn every_rendered_limit_and_auth_setting_reaches_meshid_and_unset_ones_keep_its_
         else {
             panic!("{scenario}: {:?}", config.authn);
         };
-        let api = meshid::authn::ApiLimits::default();
+        // `--apiserver-concurrency` [default: 16], `--apiserver-queue` [default: 1000].
         assert_eq!(
             limits.concurrency,
-            n("apiserver-concurrency", api.concurrency),
+            n("apiserver-concurrency", 16),
             "{scenario}"
         );
-        assert_eq!(limits.queue, n("apiserver-queue", api.queue), "{scenario}");
+        assert_eq!(limits.queue, n("apiserver-queue", 1000), "{scenario}");
         let want_issuers = file
             .get_array("token-issuers")
             .map(|_| strings(&file, "token-issuers"))

@@ -165,11 +165,9 @@ impl ServerFrameScan {
         let ends = self.flags & END_STREAM != 0;
         let kept = &self.kept[..self.kept_len];
         match self.kind {
-            HEADERS if self.responding.contains(&self.stream) => {
-                if ends {
-                    self.responding.remove(&self.stream);
-                }
-            }
+            // Trailers: the end of a response whose headers went out earlier.
+            HEADERS if ends && self.responding.remove(&self.stream) => {}
+            HEADERS if self.responding.contains(&self.stream) => {}
             HEADERS => {
                 if kept.last().is_some_and(|first| *first != STATUS_200) {
                     found(H2Refusal::HeaderListTooLarge);
