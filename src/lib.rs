@@ -20,6 +20,8 @@ pub mod authn;
 #[cfg(feature = "server")]
 pub(crate) mod authz;
 #[cfg(feature = "server")]
+pub mod cluster;
+#[cfg(feature = "server")]
 pub mod config;
 #[cfg(feature = "server")]
 pub(crate) mod controller;

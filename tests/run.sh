@@ -46,6 +46,8 @@ harness_env=$(tests/kube-harness/run.sh up)
 eval "$harness_env"
 trap 'tests/kube-harness/run.sh down || true' EXIT
 
+# tests/multicluster.rs starts (and stops) a second harness instance of its own with this
+# script, in a temporary directory (common::kube::Instance): nothing to start for it here.
 step "cargo test"
 cargo test --all-targets --locked
 

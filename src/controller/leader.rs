@@ -2,11 +2,16 @@
 //! replica serves the gRPC API).
 //!
 //! The decision of what to do with a lease is a pure function ([`decide`]) of the lease, our
-//! identity and the time; the loop around it publishes leadership through a `watch<bool>`.
+//! identity and how long its record has been seen unchanged; the loop around it publishes
+//! leadership through a `watch<bool>`. As in client-go, another holder's lease expires
+//! `leaseDurationSeconds` after this replica *observed* its record (holder, renew and acquire
+//! times, transitions, resourceVersion) last change, on this replica's monotonic clock
+//! ([`LeaseObservation`]): the holder's `renewTime` is never compared with the local clock, so
+//! clock skew between replicas neither lets a live lease be stolen nor keeps a dead one.
 //! A leader that cannot renew within `renew_deadline` (< `lease_duration`) steps down, so it
 //! stops writing before any other replica can take the lease over.
 
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{MicroTime, ObjectMeta};
@@ -129,11 +134,60 @@ pub enum LeaseAction {
     },
 }
 
-/// Decides the action for `lease` (None = absent) as `identity` at `now`.
+/// The parts of a Lease whose change shows that its holder is alive.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct LeaseRecord {
+    resource_version: Option<String>,
+    holder: Option<String>,
+    renew_time: Option<MicroTime>,
+    acquire_time: Option<MicroTime>,
+    duration_seconds: Option<i32>,
+    transitions: Option<i32>,
+}
+
+impl LeaseRecord {
+    fn of(lease: &Lease) -> Self {
+        let spec = lease.spec.as_ref();
+        Self {
+            resource_version: lease.metadata.resource_version.clone(),
+            holder: spec.and_then(|s| s.holder_identity.clone()),
+            renew_time: spec.and_then(|s| s.renew_time.clone()),
+            acquire_time: spec.and_then(|s| s.acquire_time.clone()),
+            duration_seconds: spec.and_then(|s| s.lease_duration_seconds),
+            transitions: spec.and_then(|s| s.lease_transitions),
+        }
+    }
+}
+
+/// The last Lease record this replica read, and when (its own monotonic clock) it first read
+/// that record. Expiry is judged from this, never from the holder's `renewTime`.
+#[derive(Debug, Default)]
+pub struct LeaseObservation {
+    last: Option<(LeaseRecord, Instant)>,
+}
+
+impl LeaseObservation {
+    /// Records `lease` as read at `now` and returns how long its record has been unchanged (zero
+    /// when it just changed or was first seen).
+    pub fn observe(&mut self, lease: &Lease, now: Instant) -> Duration {
+        let record = LeaseRecord::of(lease);
+        match &self.last {
+            Some((seen, since)) if *seen == record => now.saturating_duration_since(*since),
+            _ => {
+                self.last = Some((record, now));
+                Duration::ZERO
+            }
+        }
+    }
+}
+
+/// Decides the action for `lease` (None = absent) as `identity`, when its record has been
+/// observed unchanged for `unchanged_for` (see [`LeaseObservation::observe`]). Another holder's
+/// lease has expired once that reaches its `leaseDurationSeconds` (or `default_duration`).
 pub fn decide(
     lease: Option<&Lease>,
     identity: &str,
-    now: Timestamp,
+    unchanged_for: Duration,
     default_duration: Duration,
 ) -> LeaseAction {
     let Some(spec) = lease.and_then(|l| l.spec.as_ref()) else {
@@ -155,14 +209,10 @@ pub fn decide(
         .and_then(|s| u64::try_from(s).ok())
         .map(Duration::from_secs)
         .unwrap_or(default_duration);
-    let renewed = spec
-        .renew_time
-        .as_ref()
-        .or(spec.acquire_time.as_ref())
-        .map(|t| t.0);
-    match renewed {
-        Some(t) if t + duration > now => LeaseAction::Wait { holder },
-        _ => LeaseAction::TakeOver,
+    if unchanged_for < duration {
+        LeaseAction::Wait { holder }
+    } else {
+        LeaseAction::TakeOver
     }
 }
 
@@ -197,10 +247,20 @@ fn spec_for(
 async fn try_acquire_or_renew(
     api: &Api<Lease>,
     s: &LeaseSettings,
+    observation: &mut LeaseObservation,
 ) -> Result<Option<String>, kube::Error> {
-    let now = Timestamp::now();
     let current = api.get_opt(&s.name).await?;
-    match decide(current.as_ref(), &s.identity, now, s.lease_duration) {
+    let unchanged_for = current.as_ref().map_or(Duration::ZERO, |l| {
+        observation.observe(l, tokio::time::Instant::now().into_std())
+    });
+    // Only written into the Lease (renewTime, acquireTime), never compared with.
+    let now = Timestamp::now();
+    match decide(
+        current.as_ref(),
+        &s.identity,
+        unchanged_for,
+        s.lease_duration,
+    ) {
         LeaseAction::Wait { holder } => Ok(Some(holder)),
         LeaseAction::Create => {
             let lease = Lease {
@@ -243,10 +303,11 @@ pub fn spawn_elector(
     let api: Api<Lease> = Api::namespaced(client, &s.namespace);
     let task = tokio::spawn(async move {
         let mut last_renew: Option<tokio::time::Instant> = None;
+        let mut observation = LeaseObservation::default();
         loop {
             let attempt = tokio::time::timeout(
                 s.retry_period.max(Duration::from_secs(1)),
-                try_acquire_or_renew(&api, &s),
+                try_acquire_or_renew(&api, &s, &mut observation),
             )
             .await;
             let now = tokio::time::Instant::now();
@@ -335,27 +396,113 @@ mod tests {
         }
     }
 
+    fn secs(s: u64) -> Duration {
+        Duration::from_secs(s)
+    }
+
     #[test]
-    fn the_lease_decision_follows_holder_and_expiry() {
+    fn the_lease_decision_follows_holder_and_how_long_the_record_stayed_unchanged() {
         let now = Timestamp::now();
-        let d = Duration::from_secs(15);
-        assert_eq!(decide(None, "a", now, d), LeaseAction::Create);
+        let d = secs(15);
+        assert_eq!(decide(None, "a", secs(0), d), LeaseAction::Create);
         assert_eq!(
-            decide(Some(&lease("a", 1, now)), "a", now, d),
+            decide(Some(&lease("a", 1, now)), "a", secs(60), d),
             LeaseAction::Renew
         );
         assert_eq!(
-            decide(Some(&lease("b", 5, now)), "a", now, d),
+            decide(Some(&lease("b", 5, now)), "a", secs(5), d),
             LeaseAction::Wait { holder: "b".into() }
         );
         assert_eq!(
-            decide(Some(&lease("b", 16, now)), "a", now, d),
+            decide(Some(&lease("b", 5, now)), "a", secs(15), d),
             LeaseAction::TakeOver
         );
         assert_eq!(
-            decide(Some(&lease("", 1, now)), "a", now, d),
+            decide(Some(&lease("", 1, now)), "a", secs(0), d),
             LeaseAction::TakeOver
         );
+    }
+
+    /// What replica "a" decides on reading `lease` `at` (its own clock).
+    fn read(obs: &mut LeaseObservation, lease: &Lease, at: Instant) -> LeaseAction {
+        let unchanged_for = obs.observe(lease, at);
+        decide(Some(lease), "a", unchanged_for, secs(15))
+    }
+
+    #[test]
+    fn a_holder_whose_clock_is_far_behind_keeps_its_lease_while_it_renews() {
+        // b's clock is an hour behind ours: every renewTime it writes is an hour in our past.
+        let wall = Timestamp::now();
+        let start = Instant::now();
+        let mut obs = LeaseObservation::default();
+        for i in 0..60u64 {
+            let renewed = lease("b", 3600 - 2 * i as i64, wall);
+            assert_eq!(
+                read(&mut obs, &renewed, start + secs(2 * i)),
+                LeaseAction::Wait { holder: "b".into() },
+                "taken over after {}s although b renews every 2s",
+                2 * i
+            );
+        }
+    }
+
+    #[test]
+    fn a_holder_whose_clock_is_far_ahead_loses_its_lease_a_lease_duration_after_it_stops_renewing()
+    {
+        // b's clock is an hour ahead: its last renewTime stays an hour in our future.
+        let wall = Timestamp::now();
+        let start = Instant::now();
+        let mut obs = LeaseObservation::default();
+        let last = lease("b", -3600, wall);
+        assert_eq!(
+            read(&mut obs, &last, start),
+            LeaseAction::Wait { holder: "b".into() }
+        );
+        assert_eq!(
+            read(&mut obs, &last.clone(), start + secs(14)),
+            LeaseAction::Wait { holder: "b".into() }
+        );
+        assert_eq!(
+            read(&mut obs, &last.clone(), start + secs(15)),
+            LeaseAction::TakeOver
+        );
+    }
+
+    #[test]
+    fn a_lease_first_seen_with_an_old_renew_time_is_not_taken_over_before_a_lease_duration() {
+        let wall = Timestamp::now();
+        let start = Instant::now();
+        let mut obs = LeaseObservation::default();
+        let stale = lease("b", 3600, wall);
+        assert_eq!(
+            read(&mut obs, &stale, start),
+            LeaseAction::Wait { holder: "b".into() }
+        );
+        assert_eq!(
+            read(&mut obs, &stale, start + secs(15)),
+            LeaseAction::TakeOver
+        );
+    }
+
+    #[test]
+    fn a_changed_resource_version_alone_counts_as_a_renewal() {
+        let wall = Timestamp::now();
+        let start = Instant::now();
+        let mut obs = LeaseObservation::default();
+        let mut l = lease("b", 0, wall);
+        l.metadata.resource_version = Some("1".into());
+        read(&mut obs, &l, start);
+        l.metadata.resource_version = Some("2".into());
+        assert_eq!(
+            read(&mut obs, &l, start + secs(14)),
+            LeaseAction::Wait { holder: "b".into() }
+        );
+        assert_eq!(
+            read(&mut obs, &l, start + secs(28)),
+            LeaseAction::Wait { holder: "b".into() },
+            "expiry counts from the last change, not from the first read"
+        );
+        assert_eq!(read(&mut obs, &l, start + secs(29)), LeaseAction::TakeOver);
     }
 
     #[test]

@@ -21,6 +21,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use tokio::sync::watch;
 use tokio_stream::wrappers::WatchStream;
+use tracing::Instrument;
 
 use crate::telemetry::ResultLabels;
 use crate::trust::TrustBundle;
@@ -86,7 +87,13 @@ async fn reconcile(ns: Arc<Namespace>, ctx: Arc<Ctx>) -> Result<Action, RootConf
         return Ok(Action::await_change());
     }
     let span = tracing::info_span!("reconcile_root_configmap", namespace = %name);
-    let _enter = span.enter();
+    // `instrument`, not `span.enter()`: a guard held across `.await` would leave the span
+    // entered on whatever task the worker thread polls next.
+    write_root_configmap(name, ctx).instrument(span).await
+}
+
+/// Creates or updates the root ConfigMap in namespace `name` to hold the current bundle.
+async fn write_root_configmap(name: String, ctx: Arc<Ctx>) -> Result<Action, RootConfigMapError> {
     let pem = ctx.trust.borrow().pem().to_owned();
     let api: Api<ConfigMap> = Api::namespaced(ctx.client.clone(), &name);
     let existing = api.get_opt(ROOT_CONFIGMAP).await?;
