@@ -6,18 +6,34 @@
 //!    `alg: none`, expired, another audience). Reports TokenReviews per junk request.
 //! 2. Bursts: `--burst N` concurrent requests carrying one new token, `--rounds R` times.
 //!    Reports TokenReviews per burst and the most apiserver connections open at once.
-//! 3. Cold path: `--cold N` requests at once, each with its own new token. Reports TokenReviews
-//!    and the most apiserver connections open at once, against `--apiserver-concurrency`.
+//!    After each burst (connections closed, 1 s later) it prints the bytes this process holds
+//!    allocated (a counting global allocator) beside its RSS, and at the end RSS again after
+//!    glibc's `malloc_trim(0)`: a leak grows the live bytes, allocator retention only the RSS.
+//! 3. Cold path: `--cold N` requests at once, each with its own new token, `--ratio-rounds R`
+//!    times. Reports TokenReviews, the most apiserver connections open at once, against
+//!    `--apiserver-concurrency` (16), and certificates/s against the apiserver's own TokenReview
+//!    rate measured directly in the same round: N reviews of N other new tokens by a kube client
+//!    with meshid's credentials, 16 at a time (meshid's bound).
+//! 4. Soak (`--soak SECONDS`, off by default): the `meshid` binary as a child process, 16
+//!    clients each looping TokenRequest (a new, valid token) + CreateCertificate with it; the
+//!    child's RSS, the requests and the TokenReviews every 10 s.
 //!
 //! TokenReviews are counted with meshid's own `meshid_tokenreviews_total`.
 //!
 //! Run: `eval "$(tests/kube-harness/run.sh up)"; cargo bench --bench auth_path` (options after
-//! `--`: `--junk N`, `--burst N`, `--rounds R`, `--cold N`). Prints "skipped" without the harness.
+//! `--`: `--junk N`, `--burst N`, `--rounds R`, `--cold N`, `--ratio-rounds R`, `--soak S`,
+//! `--only junk,burst,cold,soak`). Prints "skipped" without the harness.
 
 #[path = "../tests/common/mod.rs"]
 mod common;
 
-use std::time::Instant;
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use futures::StreamExt as _;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
@@ -29,11 +45,88 @@ use meshid::config::ServerArgs;
 use meshid::proto::{IstioCertificateRequest, IstioCertificateServiceClient};
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
+/// The system allocator, counting the bytes currently allocated through it (Rust code only;
+/// aws-lc's own `malloc` calls are not seen).
+struct Counting;
+
+static LIVE_BYTES: AtomicI64 = AtomicI64::new(0);
+
+// SAFETY: every call is passed to `System` unchanged; only a counter is added.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: the caller's contract is `System`'s.
+        let p = unsafe { System.alloc(layout) };
+        if !p.is_null() {
+            LIVE_BYTES.fetch_add(layout.size() as i64, Ordering::Relaxed);
+        }
+        p
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        // SAFETY: as above.
+        let p = unsafe { System.alloc_zeroed(layout) };
+        if !p.is_null() {
+            LIVE_BYTES.fetch_add(layout.size() as i64, Ordering::Relaxed);
+        }
+        p
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        // SAFETY: as above.
+        unsafe { System.dealloc(ptr, layout) };
+        LIVE_BYTES.fetch_sub(layout.size() as i64, Ordering::Relaxed);
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        // SAFETY: as above.
+        let p = unsafe { System.realloc(ptr, layout, new_size) };
+        if !p.is_null() {
+            LIVE_BYTES.fetch_add(new_size as i64 - layout.size() as i64, Ordering::Relaxed);
+        }
+        p
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+unsafe extern "C" {
+    /// glibc: returns free memory at the top of the heap and in every arena to the kernel.
+    fn malloc_trim(pad: usize) -> i32;
+}
+
+fn live_mib() -> f64 {
+    LIVE_BYTES.load(Ordering::Relaxed) as f64 / (1024.0 * 1024.0)
+}
+
+fn rss_mib(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        })
+        .unwrap_or(0.0)
+        / 1024.0
+}
+
 struct Opts {
     junk: usize,
     burst: usize,
     rounds: usize,
     cold: usize,
+    ratio_rounds: usize,
+    soak: u64,
+    only: Option<String>,
+}
+
+impl Opts {
+    fn runs(&self, section: &str) -> bool {
+        self.only
+            .as_deref()
+            .is_none_or(|o| o.split(',').any(|s| s == section))
+    }
 }
 
 fn opts() -> Option<Opts> {
@@ -52,7 +145,14 @@ fn opts() -> Option<Opts> {
         junk: get("--junk").unwrap_or(10_000),
         burst: get("--burst").unwrap_or(1000),
         rounds: get("--rounds").unwrap_or(5),
-        cold: get("--cold").unwrap_or(200),
+        cold: get("--cold").unwrap_or(400),
+        ratio_rounds: get("--ratio-rounds").unwrap_or(3),
+        soak: get("--soak").unwrap_or(0) as u64,
+        only: args
+            .iter()
+            .position(|a| a == "--only")
+            .and_then(|i| args.get(i + 1))
+            .cloned(),
     })
 }
 
@@ -63,7 +163,10 @@ struct Bench {
     server: ServerHandle,
     channels: Vec<Channel>,
     csr: String,
-    _dir: tempfile::TempDir,
+    /// meshid's own service-account token (what it reviews tokens with).
+    server_token: String,
+    kubeconfig: std::path::PathBuf,
+    dir: tempfile::TempDir,
 }
 
 impl Bench {
@@ -85,6 +188,15 @@ impl Bench {
             .unwrap()
     }
 
+    /// `n` new tokens, 8 TokenRequests at a time.
+    async fn tokens(&self, n: usize) -> Vec<String> {
+        futures::stream::iter(0..n)
+            .map(|_| self.token())
+            .buffer_unordered(8)
+            .collect()
+            .await
+    }
+
     /// Sends one request per token, all at once, over the channels; returns (ok, failed).
     async fn fire(&self, tokens: &[String]) -> (usize, usize) {
         let calls = tokens.iter().enumerate().map(|(i, t)| {
@@ -103,6 +215,25 @@ impl Bench {
         let ok = results.iter().filter(|r| **r).count();
         (ok, results.len() - ok)
     }
+}
+
+async fn channels_to(addr: SocketAddr, root_pem: &str, n: usize) -> Vec<Channel> {
+    let mut channels = Vec::new();
+    for _ in 0..n {
+        let tls = ClientTlsConfig::new()
+            .ca_certificate(Certificate::from_pem(root_pem))
+            .domain_name("localhost");
+        channels.push(
+            Endpoint::from_shared(format!("https://{addr}"))
+                .unwrap()
+                .tls_config(tls)
+                .unwrap()
+                .connect()
+                .await
+                .unwrap(),
+        );
+    }
+    channels
 }
 
 async fn setup(h: Harness) -> Bench {
@@ -126,29 +257,18 @@ async fn setup(h: Harness) -> Bench {
         listen: Some("127.0.0.1:0".parse().unwrap()),
         http_listen: Some("127.0.0.1:0".parse().unwrap()),
         ca_dir: Some(dir.path().join("ca")),
-        kubeconfig: Some(kubeconfig),
+        kubeconfig: Some(kubeconfig.clone()),
         root_configmap: Some(false),
         serving_hosts: Some(vec!["localhost".into()]),
+        // One identity asks for thousands of certificates: measure authentication, not the
+        // per-identity issuance limit.
+        issuance_burst: Some(0),
         ..Default::default()
     };
     let server = start_server(args.validate().unwrap(), std::future::pending())
         .await
         .unwrap();
-    let mut channels = Vec::new();
-    for _ in 0..8 {
-        let tls = ClientTlsConfig::new()
-            .ca_certificate(Certificate::from_pem(&server.root_pem))
-            .domain_name("localhost");
-        channels.push(
-            Endpoint::from_shared(format!("https://{}", server.grpc_addr))
-                .unwrap()
-                .tls_config(tls)
-                .unwrap()
-                .connect()
-                .await
-                .unwrap(),
-        );
-    }
+    let channels = channels_to(server.grpc_addr, &server.root_pem, 8).await;
     let key = openssl_key(dir.path(), "k", "ec");
     let csr = openssl_csr(
         &key,
@@ -164,7 +284,9 @@ async fn setup(h: Harness) -> Bench {
         server,
         channels,
         csr,
-        _dir: dir,
+        server_token,
+        kubeconfig,
+        dir,
     }
 }
 
@@ -200,15 +322,31 @@ async fn main() {
         return;
     };
     let b = setup(h).await;
+    if opts.runs("junk") {
+        junk_flood(&b, &opts).await;
+    }
+    if opts.runs("burst") {
+        bursts(&b, &opts).await;
+    }
+    if opts.runs("cold") {
+        for round in 1..=opts.ratio_rounds {
+            cold_ratio(&b, &opts, round).await;
+        }
+    }
+    if opts.soak > 0 && opts.runs("soak") {
+        soak(&b, opts.soak).await;
+    }
+}
 
-    // 1. Junk flood.
+async fn junk_flood(b: &Bench, opts: &Opts) {
     let good = b.token().await;
     let other_audience =
         b.h.request_token(&b.ns, "web", &TokenOptions::default())
             .await
             .unwrap();
-    let junk = junk_tokens(&b, &good, &other_audience, opts.junk);
+    let junk = junk_tokens(b, &good, &other_audience, opts.junk);
     let before = b.tokenreviews().await;
+    let connections = b.proxy.accepted();
     let started = Instant::now();
     let mut refused = 0;
     for chunk in junk.chunks(500) {
@@ -218,46 +356,238 @@ async fn main() {
     let reviews = b.tokenreviews().await - before;
     println!(
         "junk flood: {} requests, {refused} refused in {elapsed:.2?} ({:.0}/s); \
-         TokenReviews {reviews} ({:.4} per junk request); apiserver connections so far {}",
+         TokenReviews {reviews} ({:.4} per junk request); apiserver connections opened {}",
         junk.len(),
         junk.len() as f64 / elapsed.as_secs_f64(),
         reviews as f64 / junk.len() as f64,
-        b.proxy.accepted(),
+        b.proxy.accepted() - connections,
     );
+}
 
-    // 2. Bursts of one new token.
+async fn bursts(b: &Bench, opts: &Opts) {
+    let me = std::process::id();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    println!(
+        "before the bursts: live heap {:.1} MiB, RSS {:.1} MiB",
+        live_mib(),
+        rss_mib(me)
+    );
     for round in 1..=opts.rounds {
         let token = b.token().await;
         let tokens = vec![token; opts.burst];
         let before = b.tokenreviews().await;
         let started = Instant::now();
         let (ok, failed) = b.fire(&tokens).await;
+        let elapsed = started.elapsed();
+        tokio::time::sleep(Duration::from_secs(1)).await;
         println!(
             "burst {round}: {} concurrent requests with one new token: {ok} ok, {failed} failed \
-             in {:.2?}; TokenReviews {}; peak apiserver connections so far {}",
+             in {elapsed:.2?}; TokenReviews {}; peak apiserver connections so far {}; \
+             then live heap {:.1} MiB, RSS {:.1} MiB",
             opts.burst,
-            started.elapsed(),
             b.tokenreviews().await - before,
             b.proxy.peak_open(),
+            live_mib(),
+            rss_mib(me),
         );
     }
+    // SAFETY: glibc's malloc_trim takes no pointers and may be called at any time.
+    let trimmed = unsafe { malloc_trim(0) };
+    println!(
+        "after the bursts and malloc_trim(0) (returned {trimmed}): live heap {:.1} MiB, RSS {:.1} MiB",
+        live_mib(),
+        rss_mib(me)
+    );
+}
 
-    // 3. Cold path: every request a new token, all at once.
-    let mut tokens = Vec::with_capacity(opts.cold);
-    for _ in 0..opts.cold {
-        tokens.push(b.token().await);
-    }
+/// One round of the cold-path ratio: the apiserver's own TokenReview rate, then meshid's
+/// certificates/s, each on `opts.cold` new tokens.
+async fn cold_ratio(b: &Bench, opts: &Opts, round: usize) {
+    let direct_tokens = b.tokens(opts.cold).await;
+    let client = b.h.client_for_token(&b.server_token);
+    let started = Instant::now();
+    let authenticated = futures::stream::iter(direct_tokens.iter())
+        .map(|t| {
+            let client = client.clone();
+            async move {
+                common::kube::review_token(&client, t, &["istio-ca"])
+                    .await
+                    .is_ok_and(|s| s.authenticated == Some(true))
+            }
+        })
+        .buffer_unordered(16)
+        .filter(|ok| std::future::ready(*ok))
+        .count()
+        .await;
+    let direct_elapsed = started.elapsed();
+    let direct_rate = authenticated as f64 / direct_elapsed.as_secs_f64();
+
+    let tokens = b.tokens(opts.cold).await;
     let before = b.tokenreviews().await;
     let started = Instant::now();
     let (ok, failed) = b.fire(&tokens).await;
     let elapsed = started.elapsed();
+    let rate = ok as f64 / elapsed.as_secs_f64();
     println!(
-        "cold: {} concurrent requests, each a new token: {ok} ok, {failed} failed in {elapsed:.2?} \
-         ({:.0} certificates/s); TokenReviews {}; peak apiserver connections {} \
+        "cold {round}: apiserver alone {authenticated}/{} TokenReviews in {direct_elapsed:.2?} \
+         ({direct_rate:.0}/s, 16 at a time); meshid {} concurrent requests, each a new token: \
+         {ok} ok, {failed} failed in {elapsed:.2?} ({rate:.0} certificates/s); \
+         ratio {:.0}%; TokenReviews {}; peak apiserver connections {} \
          (--apiserver-concurrency default 16)",
+        direct_tokens.len(),
         opts.cold,
-        ok as f64 / elapsed.as_secs_f64(),
+        100.0 * rate / direct_rate,
         b.tokenreviews().await - before,
         b.proxy.peak_open(),
+    );
+}
+
+fn free_addr() -> SocketAddr {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+}
+
+fn ready(http: SocketAddr) -> bool {
+    use std::io::{Read, Write};
+    let Ok(mut s) = std::net::TcpStream::connect(http) else {
+        return false;
+    };
+    let _ = write!(
+        s,
+        "GET /readyz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+    );
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out.contains("200 OK")
+}
+
+/// The `meshid` binary reviewing tokens on the harness (through the counting proxy).
+struct ChildServer {
+    child: Child,
+    grpc: SocketAddr,
+    http: SocketAddr,
+    root_pem: String,
+}
+
+impl ChildServer {
+    fn start(b: &Bench) -> Self {
+        let (grpc, http) = (free_addr(), free_addr());
+        let ca = b.dir.path().join("child-ca");
+        let child = Command::new(env!("CARGO_BIN_EXE_meshid"))
+            .arg("server")
+            .args(["--listen", &grpc.to_string()])
+            .args(["--http-listen", &http.to_string()])
+            .arg("--ca-dir")
+            .arg(&ca)
+            .arg("--kubeconfig")
+            .arg(&b.kubeconfig)
+            .args(["--root-configmap", "false"])
+            .args(["--serving-hosts", "localhost"])
+            .args(["--issuance-burst", "0"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("meshid binary");
+        let started = Instant::now();
+        while !ready(http) {
+            assert!(started.elapsed() < Duration::from_secs(30), "no start");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let root_pem = std::fs::read_to_string(ca.join("root-cert.pem")).unwrap();
+        Self {
+            child,
+            grpc,
+            http,
+            root_pem,
+        }
+    }
+}
+
+impl Drop for ChildServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `seconds` of cold requests against the `meshid` binary, sampling its RSS every 10 s.
+async fn soak(b: &Bench, seconds: u64) {
+    let server = tokio::task::block_in_place(|| ChildServer::start(b));
+    let pid = server.child.id();
+    let channels = channels_to(server.grpc, &server.root_pem, 8).await;
+    let ok = AtomicU64::new(0);
+    let failed = AtomicU64::new(0);
+    let deadline = Instant::now() + Duration::from_secs(seconds);
+    let reviews = || {
+        let http = server.http;
+        async move {
+            let m = tokio::task::spawn_blocking(move || http_get(http, "/metrics"))
+                .await
+                .unwrap();
+            metric_value(&m, "meshid_tokenreviews_total{result=\"authenticated\"}")
+        }
+    };
+    println!(
+        "soak: meshid pid {pid}, MALLOC_ARENA_MAX={}, RSS at start {:.1} MiB",
+        std::env::var("MALLOC_ARENA_MAX").unwrap_or_else(|_| "(glibc default)".into()),
+        rss_mib(pid)
+    );
+    let workers = (0..16).map(|w| {
+        let channel = channels[w % channels.len()].clone();
+        let (ok, failed) = (&ok, &failed);
+        async move {
+            while Instant::now() < deadline {
+                let Ok(token) =
+                    b.h.request_token(&b.ns, "web", &TokenOptions::for_audiences(["istio-ca"]))
+                        .await
+                else {
+                    failed.fetch_add(1, Ordering::Relaxed);
+                    continue;
+                };
+                let mut req = tonic::Request::new(IstioCertificateRequest {
+                    csr: b.csr.clone(),
+                    validity_duration: 3600,
+                    metadata: None,
+                });
+                req.metadata_mut()
+                    .insert("authorization", format!("Bearer {token}").parse().unwrap());
+                let mut client = IstioCertificateServiceClient::new(channel.clone());
+                let counter = if client.create_certificate(req).await.is_ok() {
+                    ok
+                } else {
+                    failed
+                };
+                counter.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    });
+    let sampler = async {
+        let started = Instant::now();
+        let mut last = 0;
+        while Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_secs(10)).await;
+            let n = ok.load(Ordering::Relaxed);
+            println!(
+                "soak t={:>4.0}s: RSS {:.1} MiB; {n} certificates ({:.0}/s in the last 10 s), \
+                 {} failed; TokenReviews {}",
+                started.elapsed().as_secs_f64(),
+                rss_mib(pid),
+                (n - last) as f64 / 10.0,
+                failed.load(Ordering::Relaxed),
+                reviews().await,
+            );
+            last = n;
+        }
+    };
+    futures::future::join(futures::future::join_all(workers), sampler).await;
+    drop(channels);
+    tokio::time::sleep(Duration::from_secs(15)).await;
+    println!(
+        "soak end: {} certificates, {} failed; RSS 15 s after the clients closed {:.1} MiB",
+        ok.load(Ordering::Relaxed),
+        failed.load(Ordering::Relaxed),
+        rss_mib(pid)
     );
 }

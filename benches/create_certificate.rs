@@ -16,6 +16,14 @@
 //! The raw rate is measured in slices between the end-to-end runs (h2load runs in four rounds),
 //! and the ratio uses the raw rate over all slices.
 //!
+//! Beside each slice, `openssl speed -seconds N ecdsap256` runs as a subprocess on the same core
+//! (CPU 0, with util-linux `taskset`; the in-process slice is moved to CPU 0 too): one ECDSA
+//! P-256 sign plus one verify is the crypto alone of one certificate (verify the CSR, sign the
+//! leaf). Both sides are timed in CPU time (openssl's default, user CPU; the in-process loop's
+//! `CLOCK_THREAD_CPUTIME_ID`), so neighbours taking the core do not move the ratio. It is
+//! reported beside meshid's in-process CPU time per certificate, as a ratio, and as a second,
+//! stricter raw limit for the end-to-end rate.
+//!
 //! The audit log is on, as shipped (JSON, level info, one line per certificate), written to
 //! /dev/null through the same writer thread.
 //!
@@ -85,9 +93,15 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 
 /// Raw cost of one issuance without any I/O: CSR parse + signature verify + policy, then leaf
 /// build + sign, on one core for `seconds`. Returns (operations, seconds taken).
-fn raw_crypto(signer: &LocalSigner, id: &SpiffeId, csrs: &[String], seconds: f64) -> (u64, f64) {
+fn raw_crypto(
+    signer: &LocalSigner,
+    id: &SpiffeId,
+    csrs: &[String],
+    seconds: f64,
+) -> (u64, f64, f64) {
     let deadline = Instant::now() + Duration::from_secs_f64(seconds);
     let started = Instant::now();
+    let cpu_started = thread_cpu_seconds();
     let mut n = 0u64;
     while Instant::now() < deadline {
         let csr = check_csr(&csrs[n as usize % csrs.len()], id).expect("valid csr");
@@ -101,7 +115,34 @@ fn raw_crypto(signer: &LocalSigner, id: &SpiffeId, csrs: &[String], seconds: f64
         signer.sign_now(&req).expect("sign");
         n += 1;
     }
-    (n, started.elapsed().as_secs_f64())
+    (
+        n,
+        started.elapsed().as_secs_f64(),
+        thread_cpu_seconds() - cpu_started,
+    )
+}
+
+#[repr(C)]
+struct Timespec {
+    tv_sec: i64,
+    tv_nsec: i64,
+}
+
+unsafe extern "C" {
+    fn clock_gettime(clock: i32, ts: *mut Timespec) -> i32;
+}
+
+/// CPU time of the calling thread, seconds (Linux `CLOCK_THREAD_CPUTIME_ID`).
+fn thread_cpu_seconds() -> f64 {
+    const CLOCK_THREAD_CPUTIME_ID: i32 = 3;
+    let mut ts = Timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: `ts` is a valid, writable timespec for the duration of the call.
+    let rc = unsafe { clock_gettime(CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    assert_eq!(rc, 0, "clock_gettime");
+    ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
 }
 
 /// Raw-crypto slices taken between the end-to-end runs, so that a neighbour's load coming or
@@ -110,15 +151,39 @@ fn raw_crypto(signer: &LocalSigner, id: &SpiffeId, csrs: &[String], seconds: f64
 struct RawSlices {
     ops: u64,
     seconds: f64,
+    cpu_seconds: f64,
     rates: Vec<f64>,
+    /// `openssl speed` per slice: µs for one P-256 sign plus one verify.
+    openssl_us: Vec<f64>,
 }
 
 impl RawSlices {
     fn take(&mut self, signer: &LocalSigner, id: &SpiffeId, csrs: &[String], seconds: f64) {
-        let (n, secs) = tokio::task::block_in_place(|| raw_crypto(signer, id, csrs, seconds));
+        let (n, secs, cpu) = tokio::task::block_in_place(|| {
+            // Both sides of the crypto ratio on the same core (CPU 0); with `--pin` the whole
+            // process is there already.
+            let restore = pin_thread("0");
+            let r = raw_crypto(signer, id, csrs, seconds);
+            if let Some(all) = restore {
+                pin_thread(&all);
+            }
+            r
+        });
         self.ops += n;
         self.seconds += secs;
+        self.cpu_seconds += cpu;
         self.rates.push(n as f64 / secs);
+        let openssl_seconds = (seconds / 2.0).round().max(1.0) as u64;
+        if let Some(us) = tokio::task::block_in_place(|| openssl_sign_verify_us(openssl_seconds)) {
+            self.openssl_us.push(us);
+        }
+    }
+
+    /// Median of the `openssl speed` slices, µs per sign + verify.
+    fn openssl_median_us(&self) -> Option<f64> {
+        let mut v = self.openssl_us.clone();
+        v.sort_by(f64::total_cmp);
+        v.get(v.len() / 2).copied()
     }
 
     fn per_core(&self) -> f64 {
@@ -167,6 +232,62 @@ fn pin_self_to_cpu0() {
         eprintln!("--pin: taskset failed (util-linux)");
         std::process::exit(2);
     }
+}
+
+/// Moves the calling thread to `cpus` (a taskset list) and returns the list it had, or `None`
+/// when `taskset` is missing or failed.
+fn pin_thread(cpus: &str) -> Option<String> {
+    let tid = std::fs::read_link("/proc/thread-self").ok()?;
+    let tid = tid.file_name()?.to_str()?.to_owned();
+    let before = std::process::Command::new("taskset")
+        .args(["-c", "-p", &tid])
+        .output()
+        .ok()?;
+    // "pid 123's current affinity list: 0,1"
+    let before = String::from_utf8_lossy(&before.stdout)
+        .rsplit(": ")
+        .next()?
+        .trim()
+        .to_owned();
+    let ok = std::process::Command::new("taskset")
+        .args(["-c", "-p", cpus, &tid])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .ok()?
+        .success();
+    ok.then_some(before)
+}
+
+/// `openssl speed -seconds N ecdsap256` on CPU 0: µs of user CPU time for one ECDSA P-256 sign
+/// plus one verify. `None` when openssl is missing or its output is not understood.
+fn openssl_sign_verify_us(seconds: u64) -> Option<f64> {
+    let args = ["speed", "-seconds", &seconds.to_string(), "ecdsap256"];
+    let pinned = std::process::Command::new("taskset")
+        .args(["-c", "0", "openssl"])
+        .args(args)
+        .stderr(std::process::Stdio::null())
+        .output();
+    let out = match pinned {
+        Ok(out) if out.status.success() => out,
+        _ => std::process::Command::new("openssl")
+            .args(args)
+            .stderr(std::process::Stdio::null())
+            .output()
+            .ok()?,
+    };
+    // " 256 bits ecdsa (nistp256)   0.0000s   0.0001s  40000.0  13000.0"
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text.lines().find(|l| l.contains("ecdsa (nistp256)"))?;
+    let nums: Vec<f64> = line
+        .split_whitespace()
+        .rev()
+        .take(2)
+        .filter_map(|v| v.parse().ok())
+        .collect();
+    let [verify_per_s, sign_per_s] = nums[..] else {
+        return None;
+    };
+    Some(1e6 / sign_per_s + 1e6 / verify_per_s)
 }
 
 async fn bench(o: Opts, cores: usize) {
@@ -266,6 +387,28 @@ async fn bench(o: Opts, cores: usize) {
         1e6 / raw_per_core
     );
     println!("| raw crypto limit (× cores) | {raw_limit:.0} ops/s |");
+    let openssl = raw.openssl_median_us();
+    match openssl {
+        Some(us) => {
+            let mut v = raw.openssl_us.clone();
+            v.sort_by(f64::total_cmp);
+            println!(
+                "| openssl speed ecdsap256, sign + verify, same core | {us:.1} µs (median of {} slices, {:.1}–{:.1}) |",
+                v.len(),
+                v[0],
+                v[v.len() - 1]
+            );
+            let meshid_cpu_us = 1e6 * raw.cpu_seconds / raw.ops as f64;
+            println!(
+                "| crypto alone / meshid in-process per certificate, CPU time | {:.0}% ({us:.1} µs / {meshid_cpu_us:.1} µs) |",
+                100.0 * us / meshid_cpu_us,
+            );
+        }
+        None => println!("| openssl speed | not installed or not understood |"),
+    }
+    // The stricter limit: the raw limit scaled by crypto alone / meshid's loop (CPU time), so it
+    // shares the wall-clock basis of the end-to-end rate on this loaded machine.
+    let openssl_limit = openssl.map(|us| raw_limit * (1e6 * raw.cpu_seconds / raw.ops as f64) / us);
     if let Some(mut r) = rust {
         r.latencies.sort();
         let rps = r.latencies.len() as f64 / r.elapsed;
@@ -286,6 +429,12 @@ async fn bench(o: Opts, cores: usize) {
             "| end-to-end / raw limit (Rust client) | {:.0}% |",
             100.0 * rps / raw_limit
         );
+        if let Some(limit) = openssl_limit {
+            println!(
+                "| end-to-end / openssl crypto limit (Rust client) | {:.0}% |",
+                100.0 * rps / limit
+            );
+        }
     }
     match h2load {
         Some((issued, secs)) => {
@@ -298,6 +447,12 @@ async fn bench(o: Opts, cores: usize) {
                 "| end-to-end / raw limit (h2load client) | {:.0}% |",
                 100.0 * r / raw_limit
             );
+            if let Some(limit) = openssl_limit {
+                println!(
+                    "| end-to-end / openssl crypto limit (h2load client) | {:.0}% |",
+                    100.0 * r / limit
+                );
+            }
         }
         None if o.client == "rust" => {}
         None => println!("| h2load | not installed or failed (apt-get install nghttp2-client) |"),

@@ -246,6 +246,34 @@ async fn an_unknown_method_is_unimplemented_and_counted() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_message_that_is_not_protobuf_is_internal_and_counted_as_malformed() {
+    let server = Server::start(|_| {}).await;
+    let tls = tls_connect(&server).await;
+    let (mut h2, conn) = h2::client::handshake(tls).await.unwrap();
+    tokio::spawn(conn);
+    let request = http::Request::post(format!("https://localhost{CREATE}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .header("authorization", format!("Bearer {TOKEN}"))
+        .body(())
+        .unwrap();
+    let (response, mut body) = h2.send_request(request, false).unwrap();
+    // One gRPC message of 4 bytes that no protobuf decoder accepts (a truncated varint).
+    let mut message = vec![0, 0, 0, 0, 4];
+    message.extend_from_slice(&[0xff, 0xff, 0xff, 0xff]);
+    body.send_data(message.into(), true).unwrap();
+    let response = tokio::time::timeout(GENEROUS, response)
+        .await
+        .expect("answered")
+        .unwrap();
+    let status = tonic::Status::from_header_map(response.headers()).expect("trailers-only");
+    assert_eq!(status.code(), tonic::Code::Internal, "{status:?}");
+    assert_eq!(server.metric(&refusals("grpc", "malformed_message")), 1);
+    server.assert_serves_a_legitimate_client().await;
+    server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn streams_beyond_max_concurrent_streams_are_refused() {
     let server = Server::start(|a| a.max_concurrent_streams = Some(8)).await;
     let mut conn = tls_connect(&server).await;
@@ -274,15 +302,42 @@ async fn streams_beyond_max_concurrent_streams_are_refused() {
     .await
     .expect("refusals");
     assert_eq!(refused.len(), 32, "all streams beyond the first 8 refused");
+    assert_eq!(
+        server.metric(&refusals("grpc", "max_concurrent_streams")),
+        32,
+        "h2's own refusals counted"
+    );
     server.assert_serves_a_legitimate_client().await;
     server.shutdown().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_header_list_over_the_limit_is_refused_and_an_oversized_token_is_unauthenticated() {
+async fn a_header_list_over_the_limit_is_refused_and_counted_and_an_oversized_token_is_unauthenticated()
+ {
     let server = Server::start(|_| {}).await;
-    // 200 KiB of headers, over the 128 KiB default: refused by HTTP/2 (431 and a reset stream,
-    // or GOAWAY once the header block spans more CONTINUATION frames than the limit allows).
+    // 150 KiB of headers in 10 frames, over the 128 KiB default: h2 answers 431 itself.
+    let mut conn = tls_connect(&server).await;
+    h2_handshake(&mut conn).await;
+    let junk = "x".repeat(150 * 1024);
+    conn.write_all(&open_stream(1, &[("x-junk", &junk)], true))
+        .await
+        .unwrap();
+    tokio::time::timeout(GENEROUS, async {
+        loop {
+            let f = read_frame(&mut conn).await.expect("connection open");
+            assert_ne!(f.kind, GOAWAY, "a stream-level refusal");
+            if f.kind == HEADERS && f.stream == 1 {
+                assert_ne!(f.payload.first(), Some(&0x88), "not :status 200");
+                return;
+            }
+        }
+    })
+    .await
+    .expect("the oversized header list answered");
+    let too_large = refusals("grpc", "header_list_too_large");
+    assert_eq!(server.metric(&too_large), 1, "the 431 counted");
+
+    // 200 KiB: more CONTINUATION frames than the limit allows, so h2 sends GOAWAY.
     let mut conn = tls_connect(&server).await;
     h2_handshake(&mut conn).await;
     let junk = "x".repeat(200 * 1024);
@@ -292,13 +347,14 @@ async fn a_header_list_over_the_limit_is_refused_and_an_oversized_token_is_unaut
     tokio::time::timeout(GENEROUS, async {
         loop {
             let f = read_frame(&mut conn).await.expect("connection open");
-            if (f.kind == HEADERS || f.kind == RST_STREAM) && f.stream == 1 || f.kind == GOAWAY {
+            if f.kind == GOAWAY {
                 return;
             }
         }
     })
     .await
-    .expect("the oversized header list refused");
+    .expect("the oversized header block refused");
+    assert_eq!(server.metric(&too_large), 2, "the GOAWAY counted");
     server.assert_serves_a_legitimate_client().await;
 
     // A 100 KB token fits the header limit and gets a typed, audited refusal.

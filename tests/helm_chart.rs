@@ -164,3 +164,142 @@ fn every_rendered_config_file_is_accepted_by_meshid_server() {
         }
     }
 }
+
+/// The value of `key` in the file as a duration, or `default` when the chart rendered none.
+fn duration_or(
+    file: &config::Config,
+    key: &str,
+    default: std::time::Duration,
+) -> std::time::Duration {
+    match file.get_string(key) {
+        Ok(text) => humantime::parse_duration(&text).unwrap_or_else(|e| panic!("{key}: {e}")),
+        Err(_) => default,
+    }
+}
+
+/// The value of `key` in the file as a number, or `default` when the chart rendered none.
+fn number_or(file: &config::Config, key: &str, default: u64) -> u64 {
+    match file.get_int(key) {
+        Ok(n) => u64::try_from(n).unwrap_or_else(|_| panic!("{key}: {n} is negative")),
+        Err(_) => default,
+    }
+}
+
+#[test]
+fn every_rendered_limit_and_auth_setting_reaches_meshid_and_unset_ones_keep_its_defaults() {
+    let Some(configs) = rendered_configs() else {
+        return;
+    };
+    let mut set_somewhere = std::collections::BTreeSet::new();
+    for (scenario, path) in configs {
+        let file = raw(&path);
+        let config = resolve(&path);
+        for key in [
+            "max-connections",
+            "idle-timeout",
+            "max-concurrent-streams",
+            "request-timeout",
+            "max-message-size",
+            "max-header-list-size",
+            "drain-deadline",
+            "token-issuers",
+            "pod-token-cache-ttl",
+            "apiserver-concurrency",
+            "apiserver-queue",
+            "issuance-burst",
+            "issuance-interval",
+        ] {
+            if file.get_string(key).is_ok() || file.get_array(key).is_ok() {
+                set_somewhere.insert(key);
+            }
+        }
+        let d = meshid::server::ServerLimits::default();
+        let l = &config.limits;
+        let n = |key, default: usize| number_or(&file, key, default as u64) as usize;
+        assert_eq!(
+            l.max_connections,
+            n("max-connections", d.max_connections),
+            "{scenario}"
+        );
+        assert_eq!(
+            l.max_concurrent_streams as usize,
+            n("max-concurrent-streams", d.max_concurrent_streams as usize),
+            "{scenario}"
+        );
+        assert_eq!(
+            l.max_message_size,
+            n("max-message-size", d.max_message_size),
+            "{scenario}"
+        );
+        assert_eq!(
+            l.max_header_list_size as usize,
+            n("max-header-list-size", d.max_header_list_size as usize),
+            "{scenario}"
+        );
+        assert_eq!(
+            l.idle_timeout,
+            duration_or(&file, "idle-timeout", d.idle_timeout),
+            "{scenario}"
+        );
+        assert_eq!(
+            l.request_timeout,
+            duration_or(&file, "request-timeout", d.request_timeout),
+            "{scenario}"
+        );
+        assert_eq!(
+            l.drain_deadline,
+            duration_or(&file, "drain-deadline", d.drain_deadline),
+            "{scenario}"
+        );
+        let AuthnConfig::TokenReview {
+            pod_cache_ttl,
+            issuers,
+            limits,
+            ..
+        } = &config.authn
+        else {
+            panic!("{scenario}: {:?}", config.authn);
+        };
+        // `--apiserver-concurrency` [default: 16], `--apiserver-queue` [default: 1000].
+        assert_eq!(
+            limits.concurrency,
+            n("apiserver-concurrency", 16),
+            "{scenario}"
+        );
+        assert_eq!(limits.queue, n("apiserver-queue", 1000), "{scenario}");
+        let want_issuers = file
+            .get_array("token-issuers")
+            .map(|_| strings(&file, "token-issuers"))
+            .unwrap_or_default();
+        assert_eq!(issuers, &want_issuers, "{scenario}");
+        // `--pod-token-cache-ttl` [default: 3s].
+        let pod_default = std::time::Duration::from_secs(3);
+        assert_eq!(
+            *pod_cache_ttl,
+            duration_or(&file, "pod-token-cache-ttl", pod_default),
+            "{scenario}"
+        );
+        let issuance = meshid::server::IssuanceLimitSettings::default();
+        match &config.issuance_limit {
+            Some(got) => {
+                assert_eq!(
+                    u64::from(got.burst.get()),
+                    number_or(&file, "issuance-burst", u64::from(issuance.burst.get())),
+                    "{scenario}"
+                );
+                assert_eq!(
+                    got.interval,
+                    duration_or(&file, "issuance-interval", issuance.interval),
+                    "{scenario}"
+                );
+            }
+            None => assert_eq!(file.get_int("issuance-burst").ok(), Some(0), "{scenario}"),
+        }
+    }
+    // At least one scenario (tests/helm/values/limits.yaml) sets every one of them.
+    assert_eq!(
+        set_somewhere.len(),
+        13,
+        "set in some scenario: {set_somewhere:?}"
+    );
+}

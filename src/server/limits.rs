@@ -10,10 +10,13 @@
 //!   listener through [`GuardedListener`].
 //! - **Requests** ([`RequestLimits`]): a per-request deadline (`DEADLINE_EXCEEDED`) and a gRPC
 //!   message size limit checked on each message's length prefix before it is buffered
-//!   (`RESOURCE_EXHAUSTED`, as gRPC's status-code table says). Unknown methods are counted too.
+//!   (`RESOURCE_EXHAUSTED`, as gRPC's status-code table says). Unknown methods and messages
+//!   that are not valid protobuf (`malformed_message`, answered `INTERNAL` by tonic) are counted
+//!   and audited too.
 //!
 //! HTTP/2 settings (max concurrent streams, header-list size, keepalive) are applied by hyper
-//! from [`ServerLimits`] in `app`. Each refusal increments
+//! from [`ServerLimits`] in `app`; what h2 refuses under them is counted by
+//! [`RefusalWatch`](super::RefusalWatch). Each refusal increments
 //! `meshid_transport_refusals_total{listener, reason}`; the per-request ones also write a
 //! `meshid::audit` line.
 
@@ -42,7 +45,7 @@ use tonic::codegen::{BoxFuture, Service};
 use tonic::transport::server::{Connected, TcpConnectInfo, TlsConnectInfo};
 use tonic::{Code, Status};
 
-use super::CoalescingIo;
+use super::{CoalescingIo, RefusalWatch};
 use crate::identity::truncate_echo;
 use crate::telemetry::ServerMetrics;
 
@@ -367,8 +370,9 @@ impl Connected for Guarded<TcpStream> {
     }
 }
 
-/// A gRPC connection as tonic serves it: guarded TCP, TLS, write coalescing.
-pub type GrpcConnection = CoalescingIo<TlsStream<Guarded<TcpStream>>>;
+/// A gRPC connection as tonic serves it: guarded TCP, TLS, write coalescing, and h2's own
+/// refusals counted from the frames it writes.
+pub type GrpcConnection = RefusalWatch<CoalescingIo<TlsStream<Guarded<TcpStream>>>>;
 
 /// Accepts TCP connections under `guard` and completes TLS handshakes (each within
 /// `handshake_timeout`) off the accept loop, feeding finished connections to the gRPC server.
@@ -399,7 +403,9 @@ pub async fn accept_tls(
                 tokio::spawn(async move {
                     match tokio::time::timeout(handshake_timeout, acceptor.accept(stream)).await {
                         Ok(Ok(tls)) => {
-                            let _ = tx.send(Ok(CoalescingIo::new(tls))).await;
+                            let conn =
+                                RefusalWatch::new(CoalescingIo::new(tls), refusals, Some(peer));
+                            let _ = tx.send(Ok(conn)).await;
                         }
                         Ok(Err(e)) => {
                             refusals.count("handshake_failed");
@@ -567,17 +573,33 @@ where
                     return Ok(Status::deadline_exceeded("request deadline exceeded").into_http());
                 }
             };
-            let unimplemented = response
+            match response
                 .headers()
                 .get(Status::GRPC_STATUS)
-                .is_some_and(|v| Code::from_bytes(v.as_bytes()) == Code::Unimplemented);
-            if unimplemented {
-                refuse_request(&refusals, "unknown_method", peer, &method);
+                .map(|v| Code::from_bytes(v.as_bytes()))
+            {
+                Some(Code::Unimplemented) => {
+                    refuse_request(&refusals, "unknown_method", peer, &method);
+                }
+                Some(Code::Internal) if is_decode_error(response.headers()) => {
+                    refuse_request(&refusals, "malformed_message", peer, &method);
+                }
+                _ => {}
             }
             Ok(response)
         })
     }
 }
+
+/// Whether a trailers-only response is tonic's answer to a request message that is not valid
+/// protobuf: `INTERNAL` (as gRPC's status-code table says) with prost's decode error, before
+/// any handler ran.
+fn is_decode_error(headers: &http::HeaderMap) -> bool {
+    Status::from_header_map(headers).is_some_and(|s| s.message().starts_with(DECODE_ERROR_PREFIX))
+}
+
+/// How `prost::DecodeError` displays, the message tonic sends for it.
+const DECODE_ERROR_PREFIX: &str = "failed to decode Protobuf message";
 
 /// A request body whose gRPC messages may be at most `max` bytes: the 5-byte length prefix of
 /// each message is read as it arrives, and a larger one ends the body with
@@ -729,6 +751,17 @@ mod tests {
         let err = drain(body).await.unwrap_err();
         assert_eq!(err.code(), Code::ResourceExhausted);
         assert!(refused.load(std::sync::atomic::Ordering::SeqCst));
+    }
+
+    #[test]
+    fn a_prost_decode_error_is_recognised_in_a_trailers_only_response_and_a_signing_failure_is_not()
+    {
+        let err = <crate::proto::IstioCertificateRequest as prost::Message>::decode(&[0xff][..])
+            .unwrap_err();
+        let decode = Status::internal(err.to_string()).into_http::<Body>();
+        assert!(is_decode_error(decode.headers()), "{err}");
+        let signing = Status::internal("certificate issuance failed").into_http::<Body>();
+        assert!(!is_decode_error(signing.headers()));
     }
 
     #[tokio::test(start_paused = true)]

@@ -3,6 +3,7 @@
 
 mod ca_service;
 mod coalesce;
+mod h2_refusals;
 mod http;
 mod issuance_limit;
 mod limits;
@@ -12,6 +13,7 @@ mod tls;
 
 pub(crate) use ca_service::{CaService, CaServiceOptions, Durations};
 pub(crate) use coalesce::CoalescingIo;
+pub(crate) use h2_refusals::RefusalWatch;
 pub(crate) use http::{Readiness, http_router};
 pub use issuance_limit::IssuanceLimitSettings;
 pub(crate) use issuance_limit::IssuanceLimiter;

@@ -414,6 +414,39 @@ def check_config_file(objects: list[dict[str, Any]], v: dict[str, Any], release:
             expect(any(cfg[key].startswith(m) for m in mounts), f"{key}={cfg[key]} is not under a mount {mounts}")
     expect(any(m == "/etc/meshid/config/" for m in mounts) and c["args"][-1] == "/etc/meshid/config/config.yaml",
            "config file is mounted where --config points")
+    # Server limits and auth settings: each set value under its flag's key, nothing when unset
+    # (meshid's own default applies).
+    for value, key in OPTIONAL_SETTINGS:
+        section, name = value.split(".")
+        want = v[section].get(name)  # Helm drops keys whose value is null
+        if want is None or want == "" or want == []:
+            expect(key not in cfg, f"{value} is unset but {key}={cfg.get(key)!r} is rendered")
+        elif key == "drain-deadline":
+            expect(cfg.get(key) == f"{want}s", f"{value}={want} rendered as {key}={cfg.get(key)!r}")
+        else:
+            expect(cfg.get(key) == want, f"{value}={want!r} rendered as {key}={cfg.get(key)!r}")
+    drain = v["limits"].get("drainDeadlineSeconds")
+    grace = one(objects, "Deployment")["spec"]["template"]["spec"]["terminationGracePeriodSeconds"]
+    expect(grace >= (10 if drain is None else drain) + 2,
+           f"terminationGracePeriodSeconds {grace} does not exceed the drain deadline {drain} (default 10)")
+
+
+# Chart values that map to one meshid flag each, rendered only when set.
+OPTIONAL_SETTINGS = [
+    ("limits.maxConnections", "max-connections"),
+    ("limits.idleTimeout", "idle-timeout"),
+    ("limits.maxConcurrentStreams", "max-concurrent-streams"),
+    ("limits.requestTimeout", "request-timeout"),
+    ("limits.maxMessageSize", "max-message-size"),
+    ("limits.maxHeaderListSize", "max-header-list-size"),
+    ("limits.drainDeadlineSeconds", "drain-deadline"),
+    ("auth.tokenIssuers", "token-issuers"),
+    ("auth.podTokenCacheTTL", "pod-token-cache-ttl"),
+    ("auth.apiserverConcurrency", "apiserver-concurrency"),
+    ("auth.apiserverQueue", "apiserver-queue"),
+    ("issuance.burst", "issuance-burst"),
+    ("issuance.interval", "issuance-interval"),
+]
 
 
 # Values the chart must refuse, with a word the error message must contain.
@@ -427,6 +460,10 @@ REJECTED_VALUES = [
     ({"remoteClusters": {"secrets": "yes"}}, "secrets"),
     ({"certificates": {"maxTTL": "two days"}}, "maxTTL"),
     ({"istiodCert": {"enabled": True, "namespace": ""}}, "istiodCert.namespace"),
+    ({"terminationGracePeriodSeconds": 11}, "terminationGracePeriodSeconds"),
+    ({"limits": {"drainDeadlineSeconds": 29}}, "drainDeadlineSeconds"),
+    ({"limits": {"maxConnections": 0}}, "maxConnections"),
+    ({"limits": {"idleTimeout": "a minute"}}, "idleTimeout"),
 ]
 
 

@@ -79,6 +79,14 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if and .Values.istiodCert.enabled (not .Values.istiodCert.namespace) }}
 {{- fail "istiodCert.namespace is required with istiodCert.enabled=true" }}
 {{- end }}
+{{- /* meshid's own drain deadline is 10s when the value is unset. */}}
+{{- $drain := 10 }}
+{{- if not (kindIs "invalid" .Values.limits.drainDeadlineSeconds) }}
+{{- $drain = int .Values.limits.drainDeadlineSeconds }}
+{{- end }}
+{{- if lt (int .Values.terminationGracePeriodSeconds) (add $drain 2 | int) }}
+{{- fail (printf "terminationGracePeriodSeconds (%d) must exceed limits.drainDeadlineSeconds (%d) by at least 2 s, or Kubernetes kills meshid before its connections have drained" (int .Values.terminationGracePeriodSeconds) $drain) }}
+{{- end }}
 {{- end }}
 
 {{/* meshid's configuration file: kebab-case keys, exactly the `meshid server` flag names.
@@ -157,6 +165,32 @@ This is the only place meshid settings are rendered. */}}
 {{- with $v.istiodCert.revision }}
 {{- $_ := set $c "istiod-revision" . }}
 {{- end }}
+{{- end }}
+{{- /* Server limits and auth settings: rendered only when set, else meshid's defaults apply. */}}
+{{- $optional := dict
+  "max-connections" $v.limits.maxConnections
+  "idle-timeout" $v.limits.idleTimeout
+  "max-concurrent-streams" $v.limits.maxConcurrentStreams
+  "request-timeout" $v.limits.requestTimeout
+  "max-message-size" $v.limits.maxMessageSize
+  "max-header-list-size" $v.limits.maxHeaderListSize
+  "token-issuers" $v.auth.tokenIssuers
+  "pod-token-cache-ttl" $v.auth.podTokenCacheTTL
+  "apiserver-concurrency" $v.auth.apiserverConcurrency
+  "apiserver-queue" $v.auth.apiserverQueue
+  "issuance-burst" $v.issuance.burst
+  "issuance-interval" $v.issuance.interval
+}}
+{{- range $key, $value := $optional }}
+{{- /* Numbers count even when 0 (issuance-burst 0: no limit); strings and lists when not empty. */}}
+{{- if or (kindIs "float64" $value) (kindIs "int64" $value) (kindIs "int" $value) }}
+{{- $_ := set $c $key (int64 $value) }}
+{{- else if $value }}
+{{- $_ := set $c $key $value }}
+{{- end }}
+{{- end }}
+{{- if not (kindIs "invalid" $v.limits.drainDeadlineSeconds) }}
+{{- $_ := set $c "drain-deadline" (printf "%ds" (int $v.limits.drainDeadlineSeconds)) }}
 {{- end }}
 {{- $c = mergeOverwrite $c (deepCopy ($v.extraConfig | default dict)) }}
 {{- toYaml $c }}
