@@ -138,4 +138,59 @@ mod tests {
         let back = parse_certs(&pem).expect("parse");
         assert_eq!(back[0].as_ref(), cert.der().as_ref());
     }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::super::*;
+
+        /// Whitespace as it surrounds PEM in the wild: spaces, tabs, CR, LF.
+        fn whitespace() -> impl Strategy<Value = String> {
+            proptest::collection::vec(prop_oneof![Just(" "), Just("\t"), Just("\r"), Just("\n")], 0..8)
+                .prop_map(|v| v.concat())
+        }
+
+        /// Text that is not only whitespace, including near-misses of PEM markers.
+        fn garbage() -> impl Strategy<Value = String> {
+            prop_oneof![
+                any::<String>(),
+                "[-A-Za-z ]{0,12}-----",
+                "-----[-A-Z ]{0,12}",
+                "[^ \t\r\n]",
+            ]
+            .prop_filter("not only whitespace", |g| !g.trim().is_empty())
+        }
+
+        /// One block (no surrounding whitespace) holding `der`.
+        fn block(der: &[u8]) -> String {
+            cert_to_pem(der).trim().to_owned()
+        }
+
+        proptest! {
+            #[test]
+            fn a_valid_block_survives_arbitrary_surrounding_whitespace(
+                before in whitespace(),
+                after in whitespace(),
+                der in proptest::collection::vec(any::<u8>(), 0..200),
+            ) {
+                let text = format!("{before}{}{after}", block(&der));
+                prop_assert!(single_block(&text).is_ok(), "{:?}", text);
+            }
+
+            #[test]
+            fn any_other_text_around_a_valid_block_is_refused(
+                garbage in garbage(),
+                gap in whitespace(),
+                at_end in any::<bool>(),
+                der in proptest::collection::vec(any::<u8>(), 0..200),
+            ) {
+                let text = if at_end {
+                    format!("{}{gap}{garbage}", block(&der))
+                } else {
+                    format!("{garbage}{gap}{}", block(&der))
+                };
+                prop_assert!(single_block(&text).is_err(), "{:?}", text);
+            }
+        }
+    }
 }

@@ -577,4 +577,47 @@ mod tests {
             CsrRejection::RsaKeySize { bits: 1024 }
         );
     }
+
+    mod properties {
+        use std::sync::LazyLock;
+
+        use proptest::prelude::*;
+
+        use super::*;
+
+        /// A valid Ed25519 CSR for [`id`], DER (made once: the properties change its bytes).
+        static VALID_DER: LazyLock<Vec<u8>> = LazyLock::new(|| {
+            let key = KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+            let csr = params(vec![uri(&id().to_string())])
+                .serialize_request(&key)
+                .unwrap();
+            csr.der().to_vec()
+        });
+
+        fn csr_pem_of(der: &[u8]) -> String {
+            crate::pem::cert_to_pem(der).replace("CERTIFICATE", "CERTIFICATE REQUEST")
+        }
+
+        proptest! {
+            #[test]
+            fn arbitrary_bytes_are_never_accepted_as_a_csr(
+                bytes in proptest::collection::vec(any::<u8>(), 0..2048),
+            ) {
+                prop_assert!(check_csr(&String::from_utf8_lossy(&bytes), &id()).is_err());
+                prop_assert!(check_csr(&csr_pem_of(&bytes), &id()).is_err());
+            }
+
+            #[test]
+            fn a_valid_csr_with_any_one_byte_changed_is_refused(
+                at in any::<proptest::sample::Index>(),
+                xor in 1u8..,
+            ) {
+                prop_assert!(check_csr(&csr_pem_of(&VALID_DER), &id()).is_ok());
+                let mut der = VALID_DER.clone();
+                let i = at.index(der.len());
+                der[i] ^= xor;
+                prop_assert!(check_csr(&csr_pem_of(&der), &id()).is_err(), "byte {} ^ {:#x}", i, xor);
+            }
+        }
+    }
 }

@@ -197,8 +197,9 @@ impl<W: Write> Visit for Members<'_, W> {
     }
 }
 
-/// Writes `s` as a JSON string, quotes included.
-fn write_string(w: &mut impl Write, s: &str) -> fmt::Result {
+/// Writes `s` as a JSON string, quotes included: the escaper every key and string value of a
+/// line goes through (its output never holds a raw control character, so never a line break).
+pub fn write_string(w: &mut impl Write, s: &str) -> fmt::Result {
     w.write_char('"')?;
     Escaped(w).write_str(s)?;
     w.write_char('"')
@@ -417,6 +418,28 @@ mod tests {
             let mut got = String::new();
             write_timestamp(&mut got, at).expect("format");
             assert_eq!(got, want);
+        }
+    }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::super::write_string;
+
+        proptest! {
+            #[test]
+            fn the_escaper_writes_one_line_of_valid_json_that_decodes_to_the_input(
+                input in prop_oneof![
+                    any::<String>(),
+                    "[\\x00-\\x1f\\x7f\"\\\\/ a-zé✓🦀\u{2028}]{0,64}",
+                ],
+            ) {
+                let mut out = String::new();
+                write_string(&mut out, &input).expect("a String takes every write");
+                prop_assert!(!out.bytes().any(|b| b < 0x20), "raw control character in {:?}", out);
+                let decoded: String = serde_json::from_str(&out).expect("valid JSON");
+                prop_assert_eq!(decoded, input);
+            }
         }
     }
 }

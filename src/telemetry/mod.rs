@@ -1,6 +1,7 @@
 //! Logging (tracing, with a JSON line format of our own) and Prometheus metrics.
 
-mod json;
+// Crate-visible for `crate::fuzzing`, which re-exports its string escaper.
+pub(crate) mod json;
 mod logging;
 mod metrics;
 #[cfg(test)]
