@@ -357,6 +357,9 @@ pub struct ServerConfig {
     pub trusted_node_accounts: Vec<(String, String)>,
     /// Connection and request limits of the listeners.
     pub limits: ServerLimits,
+    /// The settings left unset, with the defaults they got (logged by
+    /// [`ServerConfig::log_defaults`] once logging is set up).
+    pub defaults: Vec<AppliedDefault>,
 }
 
 /// Settings of the leader-elected controllers.
@@ -412,272 +415,6 @@ macro_rules! merge {
 }
 
 impl ServerArgs {
-    /// The bound on apiserver calls made for callers.
-    fn api_limits(&self) -> Result<crate::authn::ApiLimits, ConfigError> {
-        let defaults = crate::authn::ApiLimits::default();
-        let concurrency = self.apiserver_concurrency.unwrap_or(defaults.concurrency);
-        if concurrency == 0 {
-            return Err(invalid("--apiserver-concurrency", "must be at least 1"));
-        }
-        Ok(crate::authn::ApiLimits {
-            concurrency,
-            queue: self.apiserver_queue.unwrap_or(defaults.queue),
-            ..defaults
-        })
-    }
-
-    /// The AWS Private CA settings: `None` for the local signer (refusing stray `--pca-*`
-    /// settings), validated options for `--signer aws-pca` (refusing local CA settings).
-    fn aws_pca_options(&self, max_ttl: Duration) -> Result<Option<AwsPcaOptions>, ConfigError> {
-        if self.signer.unwrap_or_default() == SignerKind::Local {
-            let stray = [
-                ("--pca-arn", self.pca_arn.is_some()),
-                ("--pca-region", self.pca_region.is_some()),
-                ("--pca-endpoint", self.pca_endpoint.is_some()),
-                ("--pca-mode", self.pca_mode.is_some()),
-                ("--pca-tps", self.pca_tps.is_some()),
-                ("--pca-max-pending", self.pca_max_pending.is_some()),
-                (
-                    "--pca-intermediate-ttl",
-                    self.pca_intermediate_ttl.is_some(),
-                ),
-            ];
-            return match stray.iter().find(|(_, set)| *set) {
-                Some((flag, _)) => Err(invalid(flag, "requires --signer aws-pca")),
-                None => Ok(None),
-            };
-        }
-        let local = [
-            ("--ca-cert", self.ca_cert.is_some()),
-            ("--ca-key", self.ca_key.is_some()),
-            ("--ca-chain", self.ca_chain.is_some()),
-            ("--root-cert", self.root_cert.is_some()),
-            ("--ca-dir", self.ca_dir.is_some()),
-        ];
-        if let Some((flag, _)) = local.iter().find(|(_, set)| *set) {
-            return Err(invalid(flag, "cannot be combined with --signer aws-pca"));
-        }
-        let ca_arn = self
-            .pca_arn
-            .as_deref()
-            .map(str::trim)
-            .filter(|a| !a.is_empty())
-            .ok_or_else(|| invalid("--pca-arn", "required with --signer aws-pca"))?;
-        let arn = aws_pca::parse_ca_arn(ca_arn).map_err(|m| invalid("--pca-arn", m))?;
-        let region = match self.pca_region.as_deref().map(str::trim) {
-            Some(r) if r != arn.region => {
-                return Err(invalid(
-                    "--pca-region",
-                    format!(
-                        "{r:?} differs from the region of --pca-arn ({})",
-                        arn.region
-                    ),
-                ));
-            }
-            _ => arn.region,
-        };
-        let endpoint = match self.pca_endpoint.as_deref().map(str::trim) {
-            Some(e) if !(e.starts_with("https://") || e.starts_with("http://")) => {
-                return Err(invalid(
-                    "--pca-endpoint",
-                    format!("{e:?} is not an http(s) URL"),
-                ));
-            }
-            e => e.map(str::to_owned),
-        };
-        let requests_per_second = self.pca_tps.unwrap_or(aws_pca::DEFAULT_TPS);
-        if requests_per_second == 0 {
-            return Err(invalid("--pca-tps", "must be at least 1"));
-        }
-        let max_pending = self.pca_max_pending.unwrap_or(aws_pca::DEFAULT_MAX_PENDING);
-        if max_pending == 0 {
-            return Err(invalid("--pca-max-pending", "must be at least 1"));
-        }
-        let intermediate_ttl = parse_duration(
-            "--pca-intermediate-ttl",
-            self.pca_intermediate_ttl.as_deref(),
-            aws_pca::DEFAULT_INTERMEDIATE_TTL,
-        )?;
-        let mode = self.pca_mode.unwrap_or_else(|| {
-            tracing::debug!(
-                setting = "pca-mode",
-                value = "intermediate",
-                "using default"
-            );
-            PcaMode::default()
-        });
-        let min_intermediate_ttl = aws_pca::intermediate::min_intermediate_ttl(max_ttl);
-        if mode == PcaMode::Intermediate && intermediate_ttl < min_intermediate_ttl {
-            let every = aws_pca::intermediate::renewal_interval(intermediate_ttl, max_ttl);
-            return Err(invalid(
-                "--pca-intermediate-ttl",
-                format!(
-                    "{} with --max-ttl {} would mint an intermediate every {} (PCA backdates \
-                     notBefore by 1h); it must be at least {}, so that every leaf gets its full \
-                     lifetime and at most one intermediate is minted per hour",
-                    humantime::format_duration(intermediate_ttl),
-                    humantime::format_duration(max_ttl),
-                    humantime::format_duration(every),
-                    humantime::format_duration(min_intermediate_ttl),
-                ),
-            ));
-        }
-        Ok(Some(AwsPcaOptions {
-            ca_arn: ca_arn.to_owned(),
-            region,
-            endpoint,
-            mode,
-            requests_per_second,
-            max_pending,
-            intermediate_ttl,
-        }))
-    }
-
-    /// `--min-ttl`: at least [`MIN_TTL_FLOOR`], and at least [`PCA_DIRECT_MIN_TTL`] (also its
-    /// default) with AWS Private CA in direct mode.
-    fn min_ttl(&self) -> Result<Duration, ConfigError> {
-        let direct =
-            self.signer == Some(SignerKind::AwsPca) && self.pca_mode == Some(PcaMode::Direct);
-        let (default, floor) = if direct {
-            (PCA_DIRECT_MIN_TTL, PCA_DIRECT_MIN_TTL)
-        } else {
-            (DEFAULT_MIN_TTL, MIN_TTL_FLOOR)
-        };
-        let min_ttl = parse_duration("--min-ttl", self.min_ttl.as_deref(), default)?;
-        if min_ttl < floor {
-            let why = if direct {
-                " with --pca-mode direct (AWS Private CA backdates every certificate by an hour)"
-            } else {
-                ""
-            };
-            return Err(invalid(
-                "--min-ttl",
-                format!(
-                    "must be at least {}{why}",
-                    humantime::format_duration(floor)
-                ),
-            ));
-        }
-        Ok(min_ttl)
-    }
-
-    /// The per-identity issuance rate limit, `None` with `--issuance-burst 0`.
-    fn issuance_limit(&self) -> Result<Option<IssuanceLimitSettings>, ConfigError> {
-        let defaults = IssuanceLimitSettings::default();
-        let Some(burst) =
-            std::num::NonZeroU32::new(self.issuance_burst.unwrap_or(defaults.burst.get()))
-        else {
-            return Ok(None);
-        };
-        let interval = parse_duration(
-            "--issuance-interval",
-            self.issuance_interval.as_deref(),
-            defaults.interval,
-        )?;
-        let max_keys = self.issuance_max_keys.unwrap_or(defaults.max_keys);
-        if max_keys == 0 {
-            return Err(invalid("--issuance-max-keys", "must be at least 1"));
-        }
-        Ok(Some(IssuanceLimitSettings {
-            burst,
-            interval,
-            max_keys,
-        }))
-    }
-
-    /// Controllers run only when meshid talks to Kubernetes (TokenReview authentication).
-    fn controller_config(
-        &self,
-        authn: &AuthnConfig,
-        trust_domain: &str,
-        default_ttl: Duration,
-        max_ttl: Duration,
-    ) -> Result<Option<ControllerConfig>, ConfigError> {
-        let root_configmaps = self.root_configmap.unwrap_or(true);
-        let istiod_enabled = self.istiod_cert.unwrap_or(false);
-        if matches!(authn, AuthnConfig::StaticTokens(_)) {
-            if self.root_configmap == Some(true) || istiod_enabled {
-                return Err(invalid(
-                    "--static-tokens",
-                    "controllers (--root-configmap, --istiod-cert) need a Kubernetes cluster",
-                ));
-            }
-            return Ok(None);
-        }
-        if !root_configmaps && !istiod_enabled {
-            return Ok(None);
-        }
-        let namespace = self
-            .leader_election_namespace
-            .clone()
-            .or_else(|| std::env::var("POD_NAMESPACE").ok())
-            .unwrap_or_else(|| "meshid-system".into());
-        let identity = self
-            .pod_name
-            .clone()
-            .or_else(|| std::env::var("POD_NAME").ok())
-            .or_else(|| {
-                std::fs::read_to_string("/etc/hostname")
-                    .ok()
-                    .map(|h| h.trim().to_owned())
-            })
-            .filter(|h| !h.is_empty())
-            .unwrap_or_else(|| format!("meshid-{:08x}", rand::random::<u32>()));
-        let lease_name = self
-            .lease_name
-            .clone()
-            .unwrap_or_else(|| "meshid-controllers".into());
-        let istiod = istiod_enabled.then(|| crate::controller::IstiodCertSettings {
-            namespace: self
-                .istiod_namespace
-                .clone()
-                .unwrap_or_else(|| "istio-system".into()),
-            revision: self.istiod_revision.clone().filter(|r| !r.is_empty()),
-            secret_name: self
-                .istiod_secret_name
-                .clone()
-                .unwrap_or_else(|| "istiod-tls".into()),
-            trust_domain: trust_domain.to_owned(),
-            ttl: default_ttl,
-        });
-        let interval = parse_duration(
-            "--signing-roots-interval",
-            self.signing_roots_interval.as_deref(),
-            Duration::from_secs(10),
-        )?;
-        if interval.is_zero() {
-            return Err(invalid("--signing-roots-interval", "must be positive"));
-        }
-        let grace = parse_duration(
-            "--signing-roots-grace",
-            self.signing_roots_grace.as_deref(),
-            Duration::from_secs(300),
-        )?;
-        if grace < interval * 2 {
-            return Err(invalid(
-                "--signing-roots-grace",
-                "must be at least twice --signing-roots-interval",
-            ));
-        }
-        let signing_roots = crate::controller::SigningRootsSettings::new(
-            namespace.clone(),
-            &lease_name,
-            &identity,
-            interval,
-            max_ttl + grace,
-        );
-        Ok(Some(ControllerConfig {
-            signing_roots,
-            root_configmaps,
-            namespace_selector: self
-                .namespace_selector
-                .clone()
-                .filter(|s| !s.trim().is_empty()),
-            lease: crate::controller::LeaseSettings::new(namespace, lease_name, identity),
-            istiod,
-        }))
-    }
-
     /// Reads the `--config` file if any, merges it under these settings and validates.
     pub fn resolve(&self) -> Result<ServerConfig, ConfigError> {
         let file = match &self.config {
@@ -750,35 +487,211 @@ impl ServerArgs {
         merged.validate()
     }
 
-    /// Validates these settings alone (no file) into a [`ServerConfig`].
+    /// Validates these settings alone (no file) into a [`ServerConfig`], in the environment
+    /// detected now ([`Environment::detect`]).
     pub fn validate(&self) -> Result<ServerConfig, ConfigError> {
-        let defaulted = |what: &str, value: &dyn std::fmt::Display| {
-            tracing::debug!(setting = what, %value, "using default");
+        self.validate_in(&Environment::detect())
+    }
+
+    /// Validates these settings alone (no file) in `env`: a pure function of both. The
+    /// defaults it applies are listed in [`ServerConfig::defaults`].
+    pub fn validate_in(&self, env: &Environment) -> Result<ServerConfig, ConfigError> {
+        Validator {
+            args: self,
+            env,
+            defaults: Vec::new(),
+        }
+        .config()
+    }
+}
+
+/// Facts about where meshid runs that some defaults come from, resolved once before validation
+/// ([`Environment::detect`]) so that validation itself reads nothing but its inputs.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Environment {
+    /// `$POD_NAMESPACE`: the default namespace of the leader-election Lease.
+    pub pod_namespace: Option<String>,
+    /// `$POD_NAME`: the default identity of this replica in the Lease.
+    pub pod_name: Option<String>,
+    /// `/etc/hostname`, trimmed: the identity when `$POD_NAME` is unset.
+    pub hostname: Option<String>,
+    /// Names this replica `meshid-<hex>` when nothing above does.
+    pub random_id: u32,
+}
+
+impl Environment {
+    /// Reads `$POD_NAMESPACE`, `$POD_NAME` and `/etc/hostname`, and draws a random id.
+    pub fn detect() -> Self {
+        Self {
+            pod_namespace: std::env::var("POD_NAMESPACE").ok(),
+            pod_name: std::env::var("POD_NAME").ok(),
+            hostname: std::fs::read_to_string("/etc/hostname")
+                .ok()
+                .map(|h| h.trim().to_owned()),
+            random_id: rand::random(),
+        }
+    }
+}
+
+/// A setting left unset, and the default it got.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppliedDefault {
+    /// Flag name without dashes, e.g. `max-ttl`.
+    pub setting: &'static str,
+    /// The value used.
+    pub value: String,
+}
+
+impl ServerConfig {
+    /// Logs, in one line, the defaults validation applied. Validation runs before logging is
+    /// set up, so it collects them ([`ServerConfig::defaults`]) for this call.
+    pub fn log_defaults(&self) {
+        if self.defaults.is_empty() {
+            return;
+        }
+        let defaults = self
+            .defaults
+            .iter()
+            .map(|d| format!("{}={}", d.setting, d.value))
+            .collect::<Vec<_>>()
+            .join(" ");
+        tracing::info!(%defaults, "settings left unset use their defaults");
+    }
+}
+
+/// Validates one [`ServerArgs`] area by area, collecting the defaults it applies.
+struct Validator<'a> {
+    args: &'a ServerArgs,
+    env: &'a Environment,
+    defaults: Vec<AppliedDefault>,
+}
+
+impl Validator<'_> {
+    /// `value`, or `default` (recorded).
+    fn or_default<T: std::fmt::Display>(
+        &mut self,
+        setting: &'static str,
+        value: Option<T>,
+        default: impl FnOnce() -> T,
+    ) -> T {
+        value.unwrap_or_else(|| {
+            let v = default();
+            self.defaults.push(AppliedDefault {
+                setting,
+                value: v.to_string(),
+            });
+            v
+        })
+    }
+
+    /// `value`, or the enum's default (recorded as spelled on the command line).
+    fn enum_or_default<T: clap::ValueEnum + Default>(
+        &mut self,
+        setting: &'static str,
+        value: Option<T>,
+    ) -> T {
+        value.unwrap_or_else(|| {
+            let v = T::default();
+            if let Some(name) = v.to_possible_value() {
+                self.or_default(setting, None, || name.get_name().to_owned());
+            }
+            v
+        })
+    }
+
+    /// A positive duration, or `default` (recorded). `setting` is the flag, `--` included.
+    fn duration(
+        &mut self,
+        setting: &'static str,
+        value: Option<&str>,
+        default: Duration,
+    ) -> Result<Duration, ConfigError> {
+        if value.is_none() {
+            let name = setting.trim_start_matches('-');
+            self.or_default(name, None, || humantime::format_duration(default));
+        }
+        parse_duration(setting, value, default)
+    }
+
+    /// A count that must be at least 1, or `default` (recorded).
+    fn positive(
+        &mut self,
+        setting: &'static str,
+        value: Option<usize>,
+        default: usize,
+    ) -> Result<usize, ConfigError> {
+        match value {
+            Some(0) => Err(invalid(setting, "must be at least 1")),
+            v => Ok(self.or_default(setting.trim_start_matches('-'), v, || default)),
+        }
+    }
+
+    fn config(mut self) -> Result<ServerConfig, ConfigError> {
+        let a = self.args;
+        let listen = self.or_default("listen", a.listen, || {
+            DEFAULT_LISTEN.parse().expect("valid default")
+        });
+        let http_listen = self.or_default("http-listen", a.http_listen, || {
+            DEFAULT_HTTP_LISTEN.parse().expect("valid default")
+        });
+        let (trust_domain, cluster_id, audiences) = self.identity()?;
+        let lifetimes = self.lifetimes()?;
+        let issuance_limit = self.issuance_limit()?;
+        let authn = self.authn()?;
+        let signer = self.signer(lifetimes.max)?;
+        let tls = self.serving_tls()?;
+        let controllers = self.controllers(&authn, &trust_domain, lifetimes)?;
+        let trusted = match &a.trusted_node_accounts {
+            Some(accounts) => accounts.clone(),
+            None => vec![self.or_default("trusted-node-accounts", None, || {
+                "istio-system/ztunnel".to_owned()
+            })],
         };
-        let listen = self
-            .listen
-            .unwrap_or_else(|| DEFAULT_LISTEN.parse().expect("valid default"));
-        let http_listen = self
-            .http_listen
-            .unwrap_or_else(|| DEFAULT_HTTP_LISTEN.parse().expect("valid default"));
-        let trust_domain = self
-            .trust_domain
-            .clone()
-            .unwrap_or_else(|| "cluster.local".into());
+        let trusted_node_accounts = crate::authz::parse_trusted_accounts(&trusted)
+            .map_err(|m| invalid("--trusted-node-accounts", m))?;
+        let limits = self.limits()?;
+        let log_format = self.enum_or_default("log-format", a.log_format);
+        Ok(ServerConfig {
+            listen,
+            http_listen,
+            trust_domain,
+            cluster_id,
+            audiences,
+            default_ttl: lifetimes.default,
+            max_ttl: lifetimes.max,
+            min_ttl: lifetimes.min,
+            max_backdate: lifetimes.max_backdate,
+            issuance_limit,
+            authn,
+            signer,
+            tls,
+            log_format,
+            extra_roots: a.extra_roots.clone(),
+            controllers,
+            trusted_node_accounts,
+            limits,
+            defaults: self.defaults,
+        })
+    }
+
+    /// `--trust-domain`, `--cluster-id` and `--audiences`.
+    fn identity(&mut self) -> Result<(String, String, Vec<String>), ConfigError> {
+        let a = self.args;
+        let trust_domain = self.or_default("trust-domain", a.trust_domain.clone(), || {
+            "cluster.local".into()
+        });
         SpiffeId::for_service_account(&trust_domain, "a", "b").map_err(|_| {
             invalid(
                 "--trust-domain",
                 format!("{trust_domain:?} is not a valid SPIFFE trust domain"),
             )
         })?;
-        let cluster_id = self
-            .cluster_id
-            .clone()
-            .unwrap_or_else(|| "Kubernetes".into());
-        let audiences = self
-            .audiences
-            .clone()
-            .unwrap_or_else(|| vec!["istio-ca".into()]);
+        let cluster_id =
+            self.or_default("cluster-id", a.cluster_id.clone(), || "Kubernetes".into());
+        let audiences = match &a.audiences {
+            Some(list) => list.clone(),
+            None => vec![self.or_default("audiences", None, || "istio-ca".to_owned())],
+        };
         let audiences: Vec<String> = audiences
             .into_iter()
             .map(|a| a.trim().to_owned())
@@ -787,58 +700,125 @@ impl ServerArgs {
         if audiences.is_empty() {
             return Err(invalid("--audiences", "at least one audience is required"));
         }
-        let default_ttl = parse_duration(
+        Ok((trust_domain, cluster_id, audiences))
+    }
+
+    /// `--default-ttl`, `--max-ttl`, `--min-ttl` and `--max-backdate`.
+    fn lifetimes(&mut self) -> Result<crate::server::Durations, ConfigError> {
+        let a = self.args;
+        let default = self.duration(
             "--default-ttl",
-            self.default_ttl.as_deref(),
+            a.default_ttl.as_deref(),
             Duration::from_secs(24 * 3600),
         )?;
-        let max_ttl = parse_duration(
+        let max = self.duration(
             "--max-ttl",
-            self.max_ttl.as_deref(),
+            a.max_ttl.as_deref(),
             Duration::from_secs(48 * 3600),
         )?;
-        if default_ttl > max_ttl {
+        if default > max {
             return Err(invalid("--default-ttl", "must not exceed --max-ttl"));
         }
-        let min_ttl = self.min_ttl()?;
-        if min_ttl > default_ttl {
+        let min = self.min_ttl()?;
+        if min > default {
             return Err(invalid(
                 "--min-ttl",
                 format!(
                     "{} must not exceed --default-ttl ({})",
-                    humantime::format_duration(min_ttl),
-                    humantime::format_duration(default_ttl)
+                    humantime::format_duration(min),
+                    humantime::format_duration(default)
                 ),
             ));
         }
-        let max_backdate = parse_duration(
+        let max_backdate = self.duration(
             "--max-backdate",
-            self.max_backdate.as_deref(),
+            a.max_backdate.as_deref(),
             DEFAULT_MAX_BACKDATE,
         )?;
-        let issuance_limit = self.issuance_limit()?;
-        let cache_ttl = parse_duration(
+        Ok(crate::server::Durations {
+            default,
+            min,
+            max,
+            max_backdate,
+        })
+    }
+
+    /// `--min-ttl`: at least [`MIN_TTL_FLOOR`], and at least [`PCA_DIRECT_MIN_TTL`] (also its
+    /// default) with AWS Private CA in direct mode.
+    fn min_ttl(&mut self) -> Result<Duration, ConfigError> {
+        let a = self.args;
+        let direct = a.signer == Some(SignerKind::AwsPca) && a.pca_mode == Some(PcaMode::Direct);
+        let (default, floor) = if direct {
+            (PCA_DIRECT_MIN_TTL, PCA_DIRECT_MIN_TTL)
+        } else {
+            (DEFAULT_MIN_TTL, MIN_TTL_FLOOR)
+        };
+        let min_ttl = self.duration("--min-ttl", a.min_ttl.as_deref(), default)?;
+        if min_ttl < floor {
+            let why = if direct {
+                " with --pca-mode direct (AWS Private CA backdates every certificate by an hour)"
+            } else {
+                ""
+            };
+            return Err(invalid(
+                "--min-ttl",
+                format!(
+                    "must be at least {}{why}",
+                    humantime::format_duration(floor)
+                ),
+            ));
+        }
+        Ok(min_ttl)
+    }
+
+    /// The per-identity issuance rate limit, `None` with `--issuance-burst 0`.
+    fn issuance_limit(&mut self) -> Result<Option<IssuanceLimitSettings>, ConfigError> {
+        let a = self.args;
+        let defaults = IssuanceLimitSettings::default();
+        let burst = self.or_default("issuance-burst", a.issuance_burst, || defaults.burst.get());
+        let Some(burst) = std::num::NonZeroU32::new(burst) else {
+            return Ok(None);
+        };
+        let interval = self.duration(
+            "--issuance-interval",
+            a.issuance_interval.as_deref(),
+            defaults.interval,
+        )?;
+        let max_keys = self.positive(
+            "--issuance-max-keys",
+            a.issuance_max_keys,
+            defaults.max_keys,
+        )?;
+        Ok(Some(IssuanceLimitSettings {
+            burst,
+            interval,
+            max_keys,
+        }))
+    }
+
+    /// TokenReview (with its cache and apiserver limits) or static tokens.
+    fn authn(&mut self) -> Result<AuthnConfig, ConfigError> {
+        let a = self.args;
+        let cache_ttl = self.duration(
             "--token-cache-ttl",
-            self.token_cache_ttl.as_deref(),
+            a.token_cache_ttl.as_deref(),
             Duration::from_secs(60),
         )?;
-        let authn = match (&self.static_tokens, &self.kubeconfig) {
-            (Some(_), Some(_)) => {
-                return Err(invalid(
-                    "--static-tokens",
-                    "cannot be combined with --kubeconfig",
-                ));
-            }
-            (Some(file), None) => AuthnConfig::StaticTokens(file.clone()),
-            (None, kubeconfig) => AuthnConfig::TokenReview {
+        match (&a.static_tokens, &a.kubeconfig) {
+            (Some(_), Some(_)) => Err(invalid(
+                "--static-tokens",
+                "cannot be combined with --kubeconfig",
+            )),
+            (Some(file), None) => Ok(AuthnConfig::StaticTokens(file.clone())),
+            (None, kubeconfig) => Ok(AuthnConfig::TokenReview {
                 kubeconfig: kubeconfig.clone(),
                 cache_ttl,
-                pod_cache_ttl: parse_duration(
+                pod_cache_ttl: self.duration(
                     "--pod-token-cache-ttl",
-                    self.pod_token_cache_ttl.as_deref(),
+                    a.pod_token_cache_ttl.as_deref(),
                     Duration::from_secs(3),
                 )?,
-                issuers: self
+                issuers: a
                     .token_issuers
                     .iter()
                     .flatten()
@@ -846,147 +826,381 @@ impl ServerArgs {
                     .filter(|i| !i.is_empty())
                     .collect(),
                 limits: self.api_limits()?,
-            },
-        };
-        let signer = match self.aws_pca_options(max_ttl)? {
-            Some(pca) => SignerConfig::AwsPca(pca),
-            None => match (&self.ca_cert, &self.ca_key, &self.ca_dir) {
-                (Some(_), Some(_), Some(_)) => {
-                    return Err(invalid(
-                        "--ca-dir",
-                        "cannot be combined with --ca-cert/--ca-key",
-                    ));
-                }
-                (Some(cert), Some(key), None) => SignerConfig::Files(LocalSignerFiles {
-                    ca_cert: cert.clone(),
-                    ca_key: key.clone(),
-                    ca_chain: self.ca_chain.clone(),
-                    root_cert: self.root_cert.clone(),
-                }),
-                (Some(_), None, _) => return Err(invalid("--ca-key", "required with --ca-cert")),
-                (None, Some(_), _) => return Err(invalid("--ca-cert", "required with --ca-key")),
-                (None, None, Some(dir)) => SignerConfig::GeneratedDir(dir.clone()),
-                (None, None, None) => {
-                    return Err(invalid(
-                        "--ca-cert",
-                        "a signer is required: --ca-cert and --ca-key, --ca-dir, or --signer aws-pca",
-                    ));
-                }
-            },
-        };
-        let tls = match (&self.tls_cert, &self.tls_key) {
-            (Some(cert), Some(key)) => ServingTls::Files {
-                cert: cert.clone(),
-                key: key.clone(),
-            },
-            (Some(_), None) => return Err(invalid("--tls-key", "required with --tls-cert")),
-            (None, Some(_)) => return Err(invalid("--tls-cert", "required with --tls-key")),
-            (None, None) => {
-                let hosts = self.serving_hosts.clone().unwrap_or_else(|| {
-                    let d = vec![
-                        "meshid.meshid-system.svc".to_owned(),
-                        "localhost".to_owned(),
-                        "127.0.0.1".to_owned(),
-                    ];
-                    defaulted("serving-hosts", &d.join(","));
-                    d
-                });
-                if hosts.is_empty() {
-                    return Err(invalid("--serving-hosts", "at least one host is required"));
-                }
-                ServingTls::SelfIssued { hosts }
-            }
-        };
-        let controllers = self.controller_config(&authn, &trust_domain, default_ttl, max_ttl)?;
-        Ok(ServerConfig {
-            listen,
-            http_listen,
-            trust_domain,
-            cluster_id,
-            audiences,
-            default_ttl,
-            max_ttl,
-            min_ttl,
-            max_backdate,
-            issuance_limit,
-            authn,
-            signer,
-            tls,
-            log_format: self.log_format.unwrap_or_default(),
-            extra_roots: self.extra_roots.clone(),
-            controllers,
-            trusted_node_accounts: crate::authn::parse_trusted_accounts(
-                self.trusted_node_accounts
-                    .as_deref()
-                    .unwrap_or(&["istio-system/ztunnel".to_owned()]),
-            )
-            .map_err(|m| invalid("--trusted-node-accounts", m))?,
-            limits: self.limits()?,
+            }),
+        }
+    }
+
+    /// The bound on apiserver calls made for callers.
+    fn api_limits(&mut self) -> Result<crate::authn::ApiLimits, ConfigError> {
+        let a = self.args;
+        let defaults = crate::authn::ApiLimits::default();
+        let concurrency = self.positive(
+            "--apiserver-concurrency",
+            a.apiserver_concurrency,
+            defaults.concurrency,
+        )?;
+        let queue = self.or_default("apiserver-queue", a.apiserver_queue, || defaults.queue);
+        Ok(crate::authn::ApiLimits {
+            concurrency,
+            queue,
+            ..defaults
         })
     }
 
-    /// The listener limits: defaults for what is unset; counts and sizes must be positive.
-    fn limits(&self) -> Result<ServerLimits, ConfigError> {
-        let d = ServerLimits::default();
-        let positive = |setting: &'static str, v: Option<usize>, default: usize| match v {
-            Some(0) => Err(invalid(setting, "must be at least 1")),
-            v => Ok(v.unwrap_or(default)),
+    /// AWS Private CA, operator CA files, or a self-generated root in a directory.
+    fn signer(&mut self, max_ttl: Duration) -> Result<SignerConfig, ConfigError> {
+        let a = self.args;
+        if let Some(pca) = self.aws_pca_options(max_ttl)? {
+            return Ok(SignerConfig::AwsPca(pca));
+        }
+        match (&a.ca_cert, &a.ca_key, &a.ca_dir) {
+            (Some(_), Some(_), Some(_)) => Err(invalid(
+                "--ca-dir",
+                "cannot be combined with --ca-cert/--ca-key",
+            )),
+            (Some(cert), Some(key), None) => Ok(SignerConfig::Files(LocalSignerFiles {
+                ca_cert: cert.clone(),
+                ca_key: key.clone(),
+                ca_chain: a.ca_chain.clone(),
+                root_cert: a.root_cert.clone(),
+            })),
+            (Some(_), None, _) => Err(invalid("--ca-key", "required with --ca-cert")),
+            (None, Some(_), _) => Err(invalid("--ca-cert", "required with --ca-key")),
+            (None, None, Some(dir)) => Ok(SignerConfig::GeneratedDir(dir.clone())),
+            (None, None, None) => Err(invalid(
+                "--ca-cert",
+                "a signer is required: --ca-cert and --ca-key, --ca-dir, or --signer aws-pca",
+            )),
+        }
+    }
+
+    /// The AWS Private CA settings: `None` for the local signer (refusing stray `--pca-*`
+    /// settings), validated options for `--signer aws-pca` (refusing local CA settings).
+    fn aws_pca_options(&mut self, max_ttl: Duration) -> Result<Option<AwsPcaOptions>, ConfigError> {
+        let a = self.args;
+        if a.signer.unwrap_or_default() == SignerKind::Local {
+            return refuse_set(
+                &[
+                    ("--pca-arn", a.pca_arn.is_some()),
+                    ("--pca-region", a.pca_region.is_some()),
+                    ("--pca-endpoint", a.pca_endpoint.is_some()),
+                    ("--pca-mode", a.pca_mode.is_some()),
+                    ("--pca-tps", a.pca_tps.is_some()),
+                    ("--pca-max-pending", a.pca_max_pending.is_some()),
+                    ("--pca-intermediate-ttl", a.pca_intermediate_ttl.is_some()),
+                ],
+                "requires --signer aws-pca",
+            )
+            .map(|()| None);
+        }
+        refuse_set(
+            &[
+                ("--ca-cert", a.ca_cert.is_some()),
+                ("--ca-key", a.ca_key.is_some()),
+                ("--ca-chain", a.ca_chain.is_some()),
+                ("--root-cert", a.root_cert.is_some()),
+                ("--ca-dir", a.ca_dir.is_some()),
+            ],
+            "cannot be combined with --signer aws-pca",
+        )?;
+        let (ca_arn, region) = pca_arn_and_region(a)?;
+        let endpoint = match a.pca_endpoint.as_deref().map(str::trim) {
+            Some(e) if !(e.starts_with("https://") || e.starts_with("http://")) => {
+                return Err(invalid(
+                    "--pca-endpoint",
+                    format!("{e:?} is not an http(s) URL"),
+                ));
+            }
+            e => e.map(str::to_owned),
         };
-        let max_concurrent_streams = positive(
+        let tps = a.pca_tps.map(|t| t as usize);
+        let requests_per_second = self.positive("--pca-tps", tps, aws_pca::DEFAULT_TPS as usize)?;
+        let max_pending = self.positive(
+            "--pca-max-pending",
+            a.pca_max_pending,
+            aws_pca::DEFAULT_MAX_PENDING,
+        )?;
+        let intermediate_ttl = self.duration(
+            "--pca-intermediate-ttl",
+            a.pca_intermediate_ttl.as_deref(),
+            aws_pca::DEFAULT_INTERMEDIATE_TTL,
+        )?;
+        let mode = self.enum_or_default("pca-mode", a.pca_mode);
+        if mode == PcaMode::Intermediate {
+            check_intermediate_ttl(intermediate_ttl, max_ttl)?;
+        }
+        Ok(Some(AwsPcaOptions {
+            ca_arn,
+            region,
+            endpoint,
+            mode,
+            requests_per_second: u32::try_from(requests_per_second).unwrap_or(u32::MAX),
+            max_pending,
+            intermediate_ttl,
+        }))
+    }
+
+    /// Operator files, or a self-issued certificate for `--serving-hosts`.
+    fn serving_tls(&mut self) -> Result<ServingTls, ConfigError> {
+        let a = self.args;
+        match (&a.tls_cert, &a.tls_key) {
+            (Some(cert), Some(key)) => Ok(ServingTls::Files {
+                cert: cert.clone(),
+                key: key.clone(),
+            }),
+            (Some(_), None) => Err(invalid("--tls-key", "required with --tls-cert")),
+            (None, Some(_)) => Err(invalid("--tls-cert", "required with --tls-key")),
+            (None, None) => {
+                let hosts = match &a.serving_hosts {
+                    Some(hosts) => hosts.clone(),
+                    None => {
+                        let d = "meshid.meshid-system.svc,localhost,127.0.0.1";
+                        let d = self.or_default("serving-hosts", None, || d.to_owned());
+                        d.split(',').map(str::to_owned).collect()
+                    }
+                };
+                if hosts.is_empty() {
+                    return Err(invalid("--serving-hosts", "at least one host is required"));
+                }
+                Ok(ServingTls::SelfIssued { hosts })
+            }
+        }
+    }
+
+    /// Controllers run only when meshid talks to Kubernetes (TokenReview authentication).
+    fn controllers(
+        &mut self,
+        authn: &AuthnConfig,
+        trust_domain: &str,
+        lifetimes: crate::server::Durations,
+    ) -> Result<Option<ControllerConfig>, ConfigError> {
+        let a = self.args;
+        let istiod_enabled = a.istiod_cert.unwrap_or(false);
+        if matches!(authn, AuthnConfig::StaticTokens(_)) {
+            if a.root_configmap == Some(true) || istiod_enabled {
+                return Err(invalid(
+                    "--static-tokens",
+                    "controllers (--root-configmap, --istiod-cert) need a Kubernetes cluster",
+                ));
+            }
+            return Ok(None);
+        }
+        let root_configmaps = self.or_default("root-configmap", a.root_configmap, || true);
+        if !root_configmaps && !istiod_enabled {
+            return Ok(None);
+        }
+        let lease = self.lease()?;
+        let istiod = istiod_enabled.then(|| self.istiod(trust_domain, lifetimes.default));
+        let signing_roots = self.signing_roots(&lease, lifetimes.max)?;
+        Ok(Some(ControllerConfig {
+            signing_roots,
+            root_configmaps,
+            namespace_selector: a
+                .namespace_selector
+                .clone()
+                .filter(|s| !s.trim().is_empty()),
+            lease,
+            istiod,
+        }))
+    }
+
+    /// The leader-election Lease: namespace, name and this replica's identity.
+    fn lease(&mut self) -> Result<crate::controller::LeaseSettings, ConfigError> {
+        let (a, env) = (self.args, self.env);
+        let namespace = self.or_default(
+            "leader-election-namespace",
+            a.leader_election_namespace.clone(),
+            || {
+                env.pod_namespace
+                    .clone()
+                    .unwrap_or_else(|| "meshid-system".into())
+            },
+        );
+        let identity = a
+            .pod_name
+            .clone()
+            .or_else(|| env.pod_name.clone())
+            .or_else(|| env.hostname.clone())
+            .filter(|h| !h.is_empty());
+        let identity = self.or_default("pod-name", identity, || {
+            format!("meshid-{:08x}", env.random_id)
+        });
+        let name = self.or_default("lease-name", a.lease_name.clone(), || {
+            "meshid-controllers".into()
+        });
+        Ok(crate::controller::LeaseSettings::new(
+            namespace, name, identity,
+        ))
+    }
+
+    /// istiod's serving certificate Secret.
+    fn istiod(
+        &mut self,
+        trust_domain: &str,
+        ttl: Duration,
+    ) -> crate::controller::IstiodCertSettings {
+        let a = self.args;
+        crate::controller::IstiodCertSettings {
+            namespace: self.or_default("istiod-namespace", a.istiod_namespace.clone(), || {
+                "istio-system".into()
+            }),
+            revision: a.istiod_revision.clone().filter(|r| !r.is_empty()),
+            secret_name: self.or_default(
+                "istiod-secret-name",
+                a.istiod_secret_name.clone(),
+                || "istiod-tls".into(),
+            ),
+            trust_domain: trust_domain.to_owned(),
+            ttl,
+        }
+    }
+
+    /// This replica's entry in the signing-roots registry, kept `--max-ttl` plus the grace.
+    fn signing_roots(
+        &mut self,
+        lease: &crate::controller::LeaseSettings,
+        max_ttl: Duration,
+    ) -> Result<crate::controller::SigningRootsSettings, ConfigError> {
+        let a = self.args;
+        let interval = self.duration(
+            "--signing-roots-interval",
+            a.signing_roots_interval.as_deref(),
+            Duration::from_secs(10),
+        )?;
+        let grace = self.duration(
+            "--signing-roots-grace",
+            a.signing_roots_grace.as_deref(),
+            Duration::from_secs(300),
+        )?;
+        if grace < interval * 2 {
+            return Err(invalid(
+                "--signing-roots-grace",
+                "must be at least twice --signing-roots-interval",
+            ));
+        }
+        Ok(crate::controller::SigningRootsSettings::new(
+            lease.namespace.clone(),
+            &lease.name,
+            &lease.identity,
+            interval,
+            max_ttl + grace,
+        ))
+    }
+
+    /// The listener limits: defaults for what is unset; counts and sizes must be positive.
+    fn limits(&mut self) -> Result<ServerLimits, ConfigError> {
+        let a = self.args;
+        let d = ServerLimits::default();
+        let streams = a.max_concurrent_streams.map(|v| v as usize);
+        let max_concurrent_streams = self.positive(
             "--max-concurrent-streams",
-            self.max_concurrent_streams.map(|v| v as usize),
+            streams,
             d.max_concurrent_streams as usize,
         )?;
-        let max_header_list_size = positive(
+        let header_list = a.max_header_list_size.map(|v| v as usize);
+        let max_header_list_size = self.positive(
             "--max-header-list-size",
-            self.max_header_list_size.map(|v| v as usize),
+            header_list,
             d.max_header_list_size as usize,
         )?;
         Ok(ServerLimits {
-            max_connections: positive(
+            max_connections: self.positive(
                 "--max-connections",
-                self.max_connections,
+                a.max_connections,
                 d.max_connections,
             )?,
-            handshake_timeout: parse_duration(
+            handshake_timeout: self.duration(
                 "--handshake-timeout",
-                self.handshake_timeout.as_deref(),
+                a.handshake_timeout.as_deref(),
                 d.handshake_timeout,
             )?,
-            idle_timeout: parse_duration(
+            idle_timeout: self.duration(
                 "--idle-timeout",
-                self.idle_timeout.as_deref(),
+                a.idle_timeout.as_deref(),
                 d.idle_timeout,
             )?,
-            keepalive_interval: parse_duration(
+            keepalive_interval: self.duration(
                 "--keepalive-interval",
-                self.keepalive_interval.as_deref(),
+                a.keepalive_interval.as_deref(),
                 d.keepalive_interval,
             )?,
-            keepalive_timeout: parse_duration(
+            keepalive_timeout: self.duration(
                 "--keepalive-timeout",
-                self.keepalive_timeout.as_deref(),
+                a.keepalive_timeout.as_deref(),
                 d.keepalive_timeout,
             )?,
             max_concurrent_streams: u32::try_from(max_concurrent_streams).unwrap_or(u32::MAX),
-            request_timeout: parse_duration(
+            request_timeout: self.duration(
                 "--request-timeout",
-                self.request_timeout.as_deref(),
+                a.request_timeout.as_deref(),
                 d.request_timeout,
             )?,
             max_header_list_size: u32::try_from(max_header_list_size).unwrap_or(u32::MAX),
-            max_message_size: positive(
+            max_message_size: self.positive(
                 "--max-message-size",
-                self.max_message_size,
+                a.max_message_size,
                 d.max_message_size,
             )?,
-            drain_deadline: parse_duration(
+            drain_deadline: self.duration(
                 "--drain-deadline",
-                self.drain_deadline.as_deref(),
+                a.drain_deadline.as_deref(),
                 d.drain_deadline,
             )?,
         })
     }
+}
+
+/// The first of `flags` that is set is an error: `message`.
+fn refuse_set(flags: &[(&'static str, bool)], message: &str) -> Result<(), ConfigError> {
+    match flags.iter().find(|(_, set)| *set) {
+        Some((flag, _)) => Err(invalid(flag, message)),
+        None => Ok(()),
+    }
+}
+
+/// `--pca-arn` (required) and `--pca-region` (must match the ARN's).
+fn pca_arn_and_region(a: &ServerArgs) -> Result<(String, String), ConfigError> {
+    let ca_arn = a
+        .pca_arn
+        .as_deref()
+        .map(str::trim)
+        .filter(|a| !a.is_empty())
+        .ok_or_else(|| invalid("--pca-arn", "required with --signer aws-pca"))?;
+    let arn = aws_pca::parse_ca_arn(ca_arn).map_err(|m| invalid("--pca-arn", m))?;
+    match a.pca_region.as_deref().map(str::trim) {
+        Some(r) if r != arn.region => Err(invalid(
+            "--pca-region",
+            format!(
+                "{r:?} differs from the region of --pca-arn ({})",
+                arn.region
+            ),
+        )),
+        _ => Ok((ca_arn.to_owned(), arn.region)),
+    }
+}
+
+/// In intermediate mode, the intermediate must outlive two leaves (and PCA's 1h backdate).
+fn check_intermediate_ttl(
+    intermediate_ttl: Duration,
+    max_ttl: Duration,
+) -> Result<(), ConfigError> {
+    let min_intermediate_ttl = aws_pca::intermediate::min_intermediate_ttl(max_ttl);
+    if intermediate_ttl >= min_intermediate_ttl {
+        return Ok(());
+    }
+    let every = aws_pca::intermediate::renewal_interval(intermediate_ttl, max_ttl);
+    Err(invalid(
+        "--pca-intermediate-ttl",
+        format!(
+            "{} with --max-ttl {} would mint an intermediate every {} (PCA backdates \
+             notBefore by 1h); it must be at least {}, so that every leaf gets its full \
+             lifetime and at most one intermediate is minted per hour",
+            humantime::format_duration(intermediate_ttl),
+            humantime::format_duration(max_ttl),
+            humantime::format_duration(every),
+            humantime::format_duration(min_intermediate_ttl),
+        ),
+    ))
 }
 
 #[cfg(test)]
@@ -1031,6 +1245,132 @@ mod tests {
                     queue_timeout: Duration::from_secs(5),
                 },
             }
+        );
+    }
+
+    fn env() -> Environment {
+        Environment {
+            pod_namespace: Some("pod-ns".into()),
+            pod_name: None,
+            hostname: Some("host-7".into()),
+            random_id: 0xabcd,
+        }
+    }
+
+    /// A `MakeWriter` into a shared buffer, to read what a subscriber logged.
+    #[derive(Clone, Default)]
+    struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    impl Captured {
+        fn logged_during(&self, f: impl FnOnce()) -> String {
+            let writer = self.clone();
+            let subscriber = tracing_subscriber::fmt()
+                .with_max_level(tracing::Level::DEBUG)
+                .with_ansi(false)
+                .with_writer(move || writer.clone())
+                .finish();
+            tracing::subscriber::with_default(subscriber, f);
+            String::from_utf8(self.0.lock().unwrap().clone()).unwrap()
+        }
+    }
+
+    #[test]
+    fn the_lease_defaults_come_from_the_environment_passed_in() {
+        let c = base().validate_in(&env()).unwrap().controllers.unwrap();
+        assert_eq!(c.lease.namespace, "pod-ns");
+        assert_eq!(c.lease.identity, "host-7");
+        let pod = Environment {
+            pod_name: Some("meshid-0".into()),
+            ..env()
+        };
+        let c = base().validate_in(&pod).unwrap().controllers.unwrap();
+        assert_eq!(
+            c.lease.identity, "meshid-0",
+            "$POD_NAME before the hostname"
+        );
+        let bare = Environment {
+            random_id: 0x1234,
+            ..Environment::default()
+        };
+        let c = base().validate_in(&bare).unwrap().controllers.unwrap();
+        assert_eq!(c.lease.namespace, "meshid-system");
+        assert_eq!(c.lease.identity, "meshid-00001234");
+        let flags = ServerArgs {
+            leader_election_namespace: Some("flag-ns".into()),
+            pod_name: Some("flag-pod".into()),
+            ..base()
+        };
+        let c = flags.validate_in(&pod).unwrap().controllers.unwrap();
+        assert_eq!(
+            (c.lease.namespace.as_str(), c.lease.identity.as_str()),
+            ("flag-ns", "flag-pod")
+        );
+    }
+
+    #[test]
+    fn validation_logs_nothing_and_lists_the_defaults_it_applied() {
+        let captured = Captured::default();
+        let mut config = None;
+        let logged = captured.logged_during(|| config = Some(base().validate_in(&env())));
+        assert_eq!(logged, "", "validation runs before logging is set up");
+        let config = config.unwrap().unwrap();
+        let default = |setting: &str| {
+            config
+                .defaults
+                .iter()
+                .find(|d| d.setting == setting)
+                .map(|d| d.value.clone())
+        };
+        assert_eq!(default("listen").as_deref(), Some("0.0.0.0:8443"));
+        assert_eq!(default("max-ttl").as_deref(), Some("2days"));
+        assert_eq!(
+            default("serving-hosts").as_deref(),
+            Some("meshid.meshid-system.svc,localhost,127.0.0.1")
+        );
+        assert_eq!(
+            default("leader-election-namespace").as_deref(),
+            Some("pod-ns")
+        );
+        assert_eq!(default("log-format").as_deref(), Some("text"));
+        assert_eq!(default("ca-dir"), None, "a setting given is no default");
+        let pca = ServerArgs {
+            max_ttl: Some("30h".into()),
+            ..pca()
+        };
+        let config = pca.validate_in(&env()).unwrap();
+        assert!(
+            config
+                .defaults
+                .iter()
+                .any(|d| d.setting == "pca-mode" && d.value == "intermediate")
+        );
+        assert!(!config.defaults.iter().any(|d| d.setting == "max-ttl"));
+    }
+
+    #[test]
+    fn the_defaults_are_logged_once_logging_is_set_up() {
+        let config = base().validate_in(&env()).unwrap();
+        let captured = Captured::default();
+        let logged = captured.logged_during(|| config.log_defaults());
+        assert_eq!(logged.lines().count(), 1, "{logged}");
+        assert!(
+            logged.contains("settings left unset use their defaults"),
+            "{logged}"
+        );
+        assert!(logged.contains("listen=0.0.0.0:8443"), "{logged}");
+        assert!(
+            logged.contains("serving-hosts=meshid.meshid-system.svc,localhost,127.0.0.1"),
+            "{logged}"
         );
     }
 

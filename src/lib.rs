@@ -18,6 +18,8 @@ pub mod app;
 #[cfg(feature = "server")]
 pub mod authn;
 #[cfg(feature = "server")]
+pub mod authz;
+#[cfg(feature = "server")]
 pub mod config;
 #[cfg(feature = "server")]
 pub mod controller;
@@ -30,6 +32,7 @@ pub mod sds;
 #[cfg(feature = "server")]
 pub mod server;
 pub mod signer;
+pub mod svid;
 pub mod telemetry;
 pub mod trust;
 
@@ -47,8 +50,8 @@ pub mod fuzzing {
     pub use crate::telemetry::json::write_string as json_string;
 
     // To build fixtures (SVIDs for the SDS stream target).
-    pub use crate::agent::Svid;
     pub use crate::identity::LeafProfile;
     pub use crate::signer::{LocalSigner, SignRequest, Signer};
+    pub use crate::svid::Svid;
     pub use crate::trust::TrustBundle;
 }

@@ -146,8 +146,11 @@ mod tests {
 
         /// Whitespace as it surrounds PEM in the wild: spaces, tabs, CR, LF.
         fn whitespace() -> impl Strategy<Value = String> {
-            proptest::collection::vec(prop_oneof![Just(" "), Just("\t"), Just("\r"), Just("\n")], 0..8)
-                .prop_map(|v| v.concat())
+            proptest::collection::vec(
+                prop_oneof![Just(" "), Just("\t"), Just("\r"), Just("\n")],
+                0..8,
+            )
+            .prop_map(|v| v.concat())
         }
 
         /// Text that is not only whitespace, including near-misses of PEM markers.

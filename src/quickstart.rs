@@ -7,10 +7,11 @@ use std::time::{Duration, Instant};
 use time::OffsetDateTime;
 use x509_parser::prelude::{FromDer, ParsedExtension, X509Certificate};
 
-use crate::agent::{CaClient, Svid, WorkloadKeyType, generate_csr};
+use crate::agent::CaClient;
 use crate::app::start_server;
 use crate::config::ServerArgs;
 use crate::identity::SpiffeId;
+use crate::svid::{Svid, WorkloadKeyType, generate_csr};
 
 /// Options for the quickstart.
 #[derive(Debug, Clone, clap::Args)]

@@ -4,16 +4,12 @@
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rcgen::{KeyPair, PublicKeyData};
-use time::OffsetDateTime;
 use tokio::sync::watch;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
-use x509_parser::prelude::{FromDer, X509Certificate};
 
-use crate::identity::SpiffeId;
-use crate::pem::{cert_to_pem, parse_certs};
 use crate::proto::{IstioCertificateRequest, IstioCertificateServiceClient};
-use crate::trust::{TrustBundle, Usage, ValidationError};
+use crate::svid::SvidError;
+use crate::trust::{TrustBundle, ValidationError};
 
 /// Talking to the CA failed, or it returned something we will not use.
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +33,15 @@ pub enum CaClientError {
     /// (whatever roots the response itself carries).
     #[error("CA response does not validate against the trusted roots: {0}")]
     Untrusted(#[source] ValidationError),
+}
+
+impl From<SvidError> for CaClientError {
+    fn from(e: SvidError) -> Self {
+        match e {
+            SvidError::InvalidResponse(m) => Self::InvalidResponse(m),
+            SvidError::Untrusted(e) => Self::Untrusted(e),
+        }
+    }
 }
 
 /// A client for `IstioCertificateService/CreateCertificate` over TLS. The TLS client trusts
@@ -164,111 +169,5 @@ impl CaClient {
                     message: s.message().to_owned(),
                 })?;
         Ok(resp.into_inner().cert_chain)
-    }
-}
-
-/// A validated SVID: chain, key and roots. `Debug` never shows the key.
-#[derive(Clone)]
-pub struct Svid {
-    /// Leaf and intermediates, PEM, leaf first.
-    pub chain_pem: String,
-    /// The trust bundle served with it (PEM, one or more roots): in the agent, the roots it
-    /// trusts (see `agent::trust`); from [`Svid::from_response`], the bundle returned with it.
-    pub roots_pem: String,
-    /// The bundle the CA returned with it.
-    response_roots: TrustBundle,
-    /// PKCS#8 PEM of the private key.
-    key_pem: String,
-    /// The identity in the leaf.
-    pub identity: SpiffeId,
-    /// Leaf serial, lowercase hex.
-    pub serial_hex: String,
-    /// Leaf validity start.
-    pub not_before: OffsetDateTime,
-    /// Leaf expiry.
-    pub not_after: OffsetDateTime,
-}
-
-impl std::fmt::Debug for Svid {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Svid")
-            .field("identity", &self.identity)
-            .field("serial", &self.serial_hex)
-            .field("not_after", &self.not_after)
-            .finish_non_exhaustive()
-    }
-}
-
-impl Svid {
-    /// The private key, PKCS#8 PEM. Handle with care: never log it.
-    pub fn key_pem(&self) -> &str {
-        &self.key_pem
-    }
-
-    /// The roots the CA returned with this SVID (its last `cert_chain` element).
-    pub fn response_roots(&self) -> &TrustBundle {
-        &self.response_roots
-    }
-
-    /// The same SVID served with another trust bundle.
-    pub fn with_roots_pem(&self, roots_pem: String) -> Self {
-        Self {
-            roots_pem,
-            ..self.clone()
-        }
-    }
-
-    /// Validates a CreateCertificate response for `key` and `expected` at `now`: at least two
-    /// elements, the last a valid root bundle; the chain (leaf and intermediates) validates
-    /// against `trusted`, the roots trusted *before* this response, for server and client
-    /// authentication (never against the roots in the response itself); the leaf certifies
-    /// `key` and carries exactly the URI SAN `expected`.
-    ///
-    /// Errors: [`CaClientError::Untrusted`] when the chain does not validate against `trusted`,
-    /// [`CaClientError::InvalidResponse`] for anything else.
-    pub fn from_response(
-        cert_chain: &[String],
-        key: &KeyPair,
-        expected: &SpiffeId,
-        trusted: &TrustBundle,
-        now: OffsetDateTime,
-    ) -> Result<Self, CaClientError> {
-        let bad = |m: &str| CaClientError::InvalidResponse(m.to_owned());
-        let [chain @ .., roots] = cert_chain else {
-            return Err(bad("empty chain"));
-        };
-        if chain.is_empty() {
-            return Err(bad("chain has no leaf besides the root bundle"));
-        }
-        let mut ders = Vec::new();
-        for pem in chain {
-            ders.extend(
-                parse_certs(pem).map_err(|e| CaClientError::InvalidResponse(e.to_string()))?,
-            );
-        }
-        let response_roots = TrustBundle::from_pem(roots)
-            .map_err(|e| CaClientError::InvalidResponse(e.to_string()))?;
-        trusted
-            .validate(&ders, now, Usage::ServerAndClientAuth)
-            .map_err(CaClientError::Untrusted)?;
-        let (_, leaf) =
-            X509Certificate::from_der(ders[0].as_ref()).map_err(|_| bad("leaf is malformed"))?;
-        if leaf.public_key().raw != key.subject_public_key_info().as_slice() {
-            return Err(bad("leaf does not certify our key"));
-        }
-        let uris = crate::identity::uri_sans(&leaf);
-        if uris != [expected.to_string().as_str()] {
-            return Err(bad("leaf identity does not match"));
-        }
-        Ok(Self {
-            chain_pem: ders.iter().map(|d| cert_to_pem(d)).collect(),
-            roots_pem: response_roots.pem().to_owned(),
-            response_roots,
-            key_pem: key.serialize_pem(),
-            identity: expected.clone(),
-            serial_hex: hex::encode(leaf.raw_serial()),
-            not_before: leaf.validity().not_before.to_datetime(),
-            not_after: leaf.validity().not_after.to_datetime(),
-        })
     }
 }

@@ -4,9 +4,9 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use super::csr::WorkloadKeyType;
 use super::policy::{PolicyError, RotationPolicy};
 use crate::identity::{IdentityError, MIN_TTL_FLOOR, SpiffeId};
+use crate::svid::WorkloadKeyType;
 use crate::telemetry::LogFormat;
 
 /// Default CA address: the Service of the meshid Helm chart installed as `meshid` in

@@ -8,8 +8,7 @@ use std::path::{Path, PathBuf};
 
 use tokio::sync::watch;
 
-use super::ca_client::Svid;
-use super::rotation::SvidReceiver;
+use crate::svid::{Svid, SvidReceiver};
 
 /// The chain (leaf first).
 pub const CHAIN_FILE: &str = "cert-chain.pem";

@@ -10,7 +10,7 @@ use time::OffsetDateTime;
 use tokio::sync::watch;
 
 use super::metrics::AgentMetrics;
-use super::rotation::SvidReceiver;
+use crate::svid::SvidReceiver;
 
 #[derive(Clone)]
 struct HttpState {

@@ -8,7 +8,6 @@
 
 mod ca_client;
 mod config;
-mod csr;
 mod files;
 mod http;
 mod metrics;
@@ -19,17 +18,18 @@ mod run;
 pub(crate) mod testing;
 mod trust;
 
-pub use ca_client::{CaClient, CaClientError, Svid};
+pub use ca_client::{CaClient, CaClientError};
 pub use config::{
     AgentConfig, AgentConfigError, DEFAULT_CA_ADDRESS, DEFAULT_CA_ROOT_FILE, DEFAULT_HTTP_LISTEN,
     DEFAULT_TOKEN_FILE,
 };
-pub use csr::{WorkloadKeyType, generate_csr};
 pub use files::{CHAIN_FILE, FilesError, KEY_FILE, ROOT_FILE, write_svid};
 pub use metrics::AgentMetrics;
 pub use policy::{PolicyError, RotationPolicy};
-pub use rotation::{
-    CertificateIssuer, Rotation, RotationError, RotationSettings, SvidReceiver, SvidSender,
-};
+pub use rotation::{CertificateIssuer, Rotation, RotationError, RotationSettings};
 pub use run::{AgentError, AgentHandle, run_agent, start_agent};
 pub use trust::{CaTrust, FollowedRoots, ROOT_FILE_POLL_INTERVAL, watch_root_file};
+
+// The SVID types live in `crate::svid` (below both the agent and `sds`); re-exported here for
+// the agent's users.
+pub use crate::svid::{Svid, SvidError, SvidReceiver, SvidSender, WorkloadKeyType, generate_csr};

@@ -12,18 +12,12 @@ use time::OffsetDateTime;
 use tokio::sync::watch;
 use tracing::Instrument;
 
-use super::ca_client::{CaClient, CaClientError, Svid};
-use super::csr::{WorkloadKeyType, generate_csr};
+use super::ca_client::{CaClient, CaClientError};
 use super::metrics::AgentMetrics;
 use super::policy::RotationPolicy;
 use super::trust::CaTrust;
 use crate::identity::SpiffeId;
-
-/// The SVID currently held, if any, as published by the rotation loop. Only validated SVIDs
-/// are ever published; `None` until the first one arrives.
-pub type SvidReceiver = watch::Receiver<Option<Arc<Svid>>>;
-/// The publishing side of [`SvidReceiver`].
-pub type SvidSender = watch::Sender<Option<Arc<Svid>>>;
+use crate::svid::{Svid, SvidSender, WorkloadKeyType, generate_csr};
 
 /// Where certificates come from: the one call the rotation loop makes. [`CaClient`] is the
 /// production implementation; tests use a fake CA.
@@ -186,7 +180,8 @@ impl<I: CertificateIssuer> Rotation<I> {
             &s.identity,
             &trusted,
             OffsetDateTime::now_utc(),
-        )?;
+        )
+        .map_err(CaClientError::from)?;
         self.trust.learn(svid.response_roots());
         Ok(svid.with_roots_pem(self.trust.current().pem().to_owned()))
     }
@@ -284,6 +279,7 @@ fn serve_roots(store: &SvidSender, roots_pem: String) {
 mod tests {
     use super::*;
     use crate::agent::testing::{FakeCa, Outcome};
+    use crate::svid::SvidReceiver;
 
     fn settings(dir: &Path, ttl: Duration) -> RotationSettings {
         let token_file = dir.join("token");

@@ -15,9 +15,10 @@ use super::config::{AgentConfig, AgentConfigError};
 use super::files::run_file_sink;
 use super::http::router;
 use super::metrics::AgentMetrics;
-use super::rotation::{Rotation, RotationSettings, SvidReceiver};
+use super::rotation::{Rotation, RotationSettings};
 use super::trust::{CaTrust, ROOT_FILE_POLL_INTERVAL, watch_root_file};
 use crate::sds::{self, SdsError, SdsService};
+use crate::svid::SvidReceiver;
 use crate::trust::TrustBundle;
 
 /// The agent could not start, or a component failed while running.

@@ -10,11 +10,11 @@ use std::time::Duration;
 use time::OffsetDateTime;
 use tokio::sync::watch;
 
-use super::ca_client::{CaClientError, Svid};
-use super::csr::{WorkloadKeyType, generate_csr};
+use super::ca_client::CaClientError;
 use super::rotation::CertificateIssuer;
 use crate::identity::{LeafProfile, SpiffeId, check_csr};
 use crate::signer::{LocalSigner, SignRequest, Signer};
+use crate::svid::{Svid, WorkloadKeyType, generate_csr};
 use crate::trust::TrustBundle;
 
 /// What the fake CA does with the next call.

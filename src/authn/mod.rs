@@ -10,7 +10,6 @@
 mod cache;
 mod flight;
 mod limit;
-mod node;
 mod precheck;
 mod static_tokens;
 mod tokenreview;
@@ -23,7 +22,6 @@ use crate::signer::BoxFuture;
 pub use cache::{CacheTtls, TokenCache};
 pub use flight::SingleFlight;
 pub use limit::{ApiLimiter, ApiLimits};
-pub use node::{AuthzError, Denial, NodeAuthorizer, PodLookup, parse_trusted_accounts};
 pub use precheck::{CLOCK_SKEW, MAX_TOKEN_BYTES, Precheck, PrecheckError, TokenClaims};
 pub use static_tokens::StaticTokenAuthenticator;
 pub use tokenreview::{

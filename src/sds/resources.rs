@@ -8,7 +8,7 @@ use envoy_types::pb::google::protobuf::Any;
 use envoy_types::util::pack_any;
 use sha2::{Digest, Sha256};
 
-use crate::agent::Svid;
+use crate::svid::Svid;
 
 /// The type URL of every resource and response on this service.
 pub const SECRET_TYPE_URL: &str =
@@ -119,12 +119,12 @@ mod tests {
     use prost::Message;
 
     use super::*;
-    use crate::agent::testing::FakeCa;
     use crate::identity::SpiffeId;
+    use crate::svid::testing::TestCa;
 
-    fn fake() -> (tempfile::TempDir, FakeCa) {
+    fn fake() -> (tempfile::TempDir, TestCa) {
         let dir = tempfile::tempdir().unwrap();
-        let ca = FakeCa::new(
+        let ca = TestCa::new(
             dir.path(),
             SpiffeId::for_service_account("cluster.local", "ns", "sa").unwrap(),
         );

@@ -19,7 +19,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::resources::{DEFAULT_RESOURCE, ROOT_RESOURCE, SECRET_TYPE_URL, resources};
 use super::stream::{RequestKind, StreamState};
-use crate::agent::SvidReceiver;
+use crate::svid::SvidReceiver;
 
 /// The SDS socket could not be set up or the server failed.
 #[derive(Debug, thiserror::Error)]
@@ -360,12 +360,12 @@ mod tests {
     use tonic::transport::{Channel, Endpoint};
 
     use super::*;
-    use crate::agent::Svid;
-    use crate::agent::testing::FakeCa;
     use crate::identity::SpiffeId;
+    use crate::svid::Svid;
+    use crate::svid::testing::TestCa;
 
     struct Fixture {
-        ca: FakeCa,
+        ca: TestCa,
         svids: watch::Sender<Option<Arc<Svid>>>,
         metrics: SdsMetrics,
         stop: watch::Sender<bool>,
@@ -376,7 +376,7 @@ mod tests {
 
     async fn fixture() -> Fixture {
         let dir = tempfile::tempdir().unwrap();
-        let ca = FakeCa::new(
+        let ca = TestCa::new(
             dir.path(),
             SpiffeId::for_service_account("cluster.local", "ns", "web").unwrap(),
         );

@@ -6,7 +6,7 @@
 use envoy_types::pb::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 
 use super::resources::{SECRET_TYPE_URL, resources};
-use crate::agent::Svid;
+use crate::svid::Svid;
 
 /// How a request relates to what this stream sent before.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -120,8 +120,8 @@ mod tests {
     use envoy_types::pb::google::rpc::Status;
 
     use super::*;
-    use crate::agent::testing::FakeCa;
     use crate::identity::SpiffeId;
+    use crate::svid::testing::TestCa;
 
     fn request(names: &[&str], version: &str, nonce: &str) -> DiscoveryRequest {
         DiscoveryRequest {
@@ -146,7 +146,7 @@ mod tests {
 
     fn svids() -> (tempfile::TempDir, Svid, Svid) {
         let dir = tempfile::tempdir().unwrap();
-        let ca = FakeCa::new(
+        let ca = TestCa::new(
             dir.path(),
             SpiffeId::for_service_account("cluster.local", "ns", "sa").unwrap(),
         );

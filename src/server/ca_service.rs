@@ -13,11 +13,12 @@ use tonic::{Request, Response, Status};
 
 use super::Rejection;
 use super::issuance_limit::{Admission, IssuanceKey, IssuanceLimiter};
-use crate::authn::{Authenticator, AuthnError, AuthzError, Caller};
+use crate::authn::{Authenticator, AuthnError, Caller};
+use crate::authz::ImpersonationAuthorizer;
 use crate::identity::{LeafProfile, SpiffeId, check_csr};
 use crate::pem::parse_certs;
 use crate::proto::{IstioCertificateRequest, IstioCertificateResponse, IstioCertificateService};
-use crate::signer::{BoxFuture, IssuedChain, Provenance, SignRequest, Signer};
+use crate::signer::{IssuedChain, Provenance, SignRequest, Signer};
 use crate::telemetry::{OutcomeLabels, ServerMetrics};
 use crate::trust::{IssuerPathCache, TrustBundle, Usage, ValidationError};
 
@@ -85,18 +86,6 @@ impl Durations {
     }
 }
 
-/// Decides whether an authenticated caller (ztunnel) may obtain a certificate for `target`.
-/// Lives here because the handler consumes it; the Kubernetes node authorizer implements it.
-pub trait ImpersonationAuthorizer: Send + Sync {
-    /// `Ok(())` to allow; [`AuthzError::Denied`] to deny (the reason is logged, not returned);
-    /// [`AuthzError::Unavailable`] when the check could not be made (answered `UNAVAILABLE`).
-    fn authorize<'a>(
-        &'a self,
-        caller: &'a Caller,
-        target: &'a SpiffeId,
-    ) -> BoxFuture<'a, Result<(), AuthzError>>;
-}
-
 struct Inner {
     authn: Arc<dyn Authenticator>,
     signer: Arc<dyn Signer>,
@@ -129,21 +118,43 @@ struct Issued {
     ttl_decision: TtlDecision,
 }
 
+/// What a [`CaService`] is built from.
+pub struct CaServiceOptions {
+    /// Authenticates the caller's token.
+    pub authn: Arc<dyn Authenticator>,
+    /// Signs the leaf.
+    pub signer: Arc<dyn Signer>,
+    /// The current trust bundle: issued chains are verified against it and it is appended to
+    /// every response.
+    pub trust: watch::Receiver<Arc<TrustBundle>>,
+    /// Lifetime policy.
+    pub durations: Durations,
+    /// The `clusterid` callers must send (or leave empty).
+    pub cluster_id: String,
+    /// SPIFFE trust domain of the identities issued.
+    pub trust_domain: String,
+    /// Decides `ImpersonatedIdentity` requests; `None` refuses every one.
+    pub impersonation: Option<Arc<dyn ImpersonationAuthorizer>>,
+    /// Request counters and the audit of outcomes.
+    pub metrics: ServerMetrics,
+    /// The per-identity issuance rate limit; `None` issues without one.
+    pub limiter: Option<IssuanceLimiter>,
+}
+
 impl CaService {
-    /// Builds the service. `impersonation` of `None` refuses every `ImpersonatedIdentity`;
-    /// `limiter` of `None` issues without a rate limit.
-    #[allow(clippy::too_many_arguments)]
-    pub fn new(
-        authn: Arc<dyn Authenticator>,
-        signer: Arc<dyn Signer>,
-        trust: watch::Receiver<Arc<TrustBundle>>,
-        durations: Durations,
-        cluster_id: String,
-        trust_domain: String,
-        impersonation: Option<Arc<dyn ImpersonationAuthorizer>>,
-        metrics: ServerMetrics,
-        limiter: Option<IssuanceLimiter>,
-    ) -> Self {
+    /// Builds the service from `opts`.
+    pub fn new(opts: CaServiceOptions) -> Self {
+        let CaServiceOptions {
+            authn,
+            signer,
+            trust,
+            durations,
+            cluster_id,
+            trust_domain,
+            impersonation,
+            metrics,
+            limiter,
+        } = opts;
         let issued = metrics
             .requests
             .get_or_create(&OutcomeLabels {

@@ -10,7 +10,7 @@ mod rejection;
 mod routes;
 mod tls;
 
-pub use ca_service::{CaService, Durations, ImpersonationAuthorizer, TtlDecision};
+pub use ca_service::{CaService, CaServiceOptions, Durations, TtlDecision};
 pub use coalesce::CoalescingIo;
 pub use http::{Readiness, http_router};
 pub use issuance_limit::{

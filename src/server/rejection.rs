@@ -5,7 +5,8 @@ use std::time::Duration;
 
 use tonic::{Code, Status};
 
-use crate::authn::{AuthnError, AuthzError, BackendError};
+use crate::authn::{AuthnError, BackendError};
+use crate::authz::AuthzError;
 use crate::identity::CsrRejection;
 use crate::signer::SignerError;
 use crate::signer::aws_pca::PcaError;
@@ -195,7 +196,7 @@ mod tests {
                 Code::Unavailable,
             ),
             (
-                AuthzError::Denied(crate::authn::Denial::PodNotFound).into(),
+                AuthzError::Denied(crate::authz::Denial::PodNotFound).into(),
                 Code::PermissionDenied,
             ),
             (

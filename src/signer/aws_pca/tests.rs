@@ -15,10 +15,10 @@ use super::fake::{Call, FakePca};
 use super::intermediate::renew_at;
 use super::request::{self, INTERMEDIATE_TEMPLATE_ARN, LEAF_TEMPLATE_ARN};
 use super::{AwsPcaOptions, LeafMismatch, PcaError, PcaMetrics, PcaMode, Started, start};
-use crate::agent::{WorkloadKeyType, generate_csr};
 use crate::identity::{LeafProfile, SpiffeId, check_csr};
 use crate::pem::parse_certs;
 use crate::signer::{IssuedChain, SignRequest, SignerError};
+use crate::svid::{WorkloadKeyType, generate_csr};
 use crate::trust::TrustBundle;
 
 const ARN: &str = "arn:aws:acm-pca:eu-west-1:123456789012:certificate-authority/test";

@@ -18,59 +18,15 @@ use kube::Api;
 use kube::api::ListParams;
 use prometheus_client::metrics::counter::Counter;
 
-use super::{ApiLimiter, BackendError, Caller, SingleFlight};
+use super::{AuthzError, Denial, ImpersonationAuthorizer};
+use crate::authn::{ApiLimiter, BackendError, Caller, PodRef, SingleFlight};
 use crate::identity::SpiffeId;
-use crate::server::ImpersonationAuthorizer;
 use crate::signer::BoxFuture;
 
 /// How long positive lookups are cached.
 const POSITIVE_TTL: Duration = Duration::from_secs(5);
 /// How long negative node lookups are cached (short: a pod may be starting).
 const NEGATIVE_TTL: Duration = Duration::from_secs(1);
-
-/// Why an impersonation was refused.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum Denial {
-    /// The caller is not one of the trusted node accounts.
-    #[error("caller is not a trusted node agent")]
-    NotTrusted,
-    /// The caller's token is not bound to a pod, so there is no node to check.
-    #[error("caller token is not bound to a pod")]
-    NotPodBound,
-    /// The caller's pod no longer exists.
-    #[error("caller pod not found")]
-    PodNotFound,
-    /// The pod of that name has another UID than the one in the token.
-    #[error("caller pod UID does not match its token")]
-    PodUidMismatch,
-    /// The caller's pod runs as another service account.
-    #[error("caller pod runs as another service account")]
-    ServiceAccountMismatch,
-    /// The caller's pod has no node.
-    #[error("caller pod is not scheduled")]
-    NotScheduled,
-    /// No running pod of the requested identity is on the caller's node.
-    #[error("no running pod of {target} on node {node}")]
-    NotOnNode {
-        /// The requested identity.
-        target: String,
-        /// The caller's node.
-        node: String,
-    },
-}
-
-/// The outcome of a refused impersonation check.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[non_exhaustive]
-pub enum AuthzError {
-    /// The caller may not impersonate the identity.
-    #[error("impersonation denied: {0}")]
-    Denied(#[from] Denial),
-    /// The check could not be made (apiserver unreachable, forbidden, overloaded). Fails closed.
-    #[error("impersonation check unavailable: {0}")]
-    Unavailable(#[from] BackendError),
-}
 
 /// The Kubernetes reads node authorization makes. Implemented for `kube::Client`.
 pub trait PodLookup: Send + Sync {
@@ -239,7 +195,7 @@ impl<L: PodLookup + 'static> NodeAuthorizer<L> {
 }
 
 impl<L: PodLookup> Inner<L> {
-    async fn fetch_caller_node(&self, ns: &str, sa: &str, pod_ref: &super::PodRef) -> NodeResult {
+    async fn fetch_caller_node(&self, ns: &str, sa: &str, pod_ref: &PodRef) -> NodeResult {
         let now = Instant::now();
         // A lookup that completed after the caller missed the cache has left its result there.
         if let Some((exp, node)) = self
@@ -334,7 +290,6 @@ mod tests {
     //! A scripted [`PodLookup`] checks the decision logic and caching in isolation; the same
     //! paths run against the real apiserver in `tests/kube_controllers.rs`.
     use super::*;
-    use crate::authn::PodRef;
     use k8s_openapi::api::core::v1::{PodSpec, PodStatus};
     use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 
