@@ -114,7 +114,11 @@ fn assert_within_policy(pem: &str, csr_der: &[u8], spki_der: &[u8], key: KeyKind
     let spki = &csr.certification_request_info.subject_pki;
     assert_eq!(spki.raw, spki_der, "returned a key other than the CSR's");
     let alg = &spki.algorithm.algorithm;
-    let curve = spki.algorithm.parameters.as_ref().and_then(|p| p.as_oid().ok());
+    let curve = spki
+        .algorithm
+        .parameters
+        .as_ref()
+        .and_then(|p| p.as_oid().ok());
     match key {
         KeyKind::Rsa { bits } => {
             assert_eq!(*alg, OID_PKCS1_RSAENCRYPTION);
@@ -124,8 +128,12 @@ fn assert_within_policy(pem: &str, csr_der: &[u8], spki_der: &[u8], key: KeyKind
             };
             assert_eq!(rsa.try_exponent().ok(), Some(65537), "{pem:?}");
         }
-        KeyKind::EcdsaP256 => assert!(*alg == OID_KEY_TYPE_EC_PUBLIC_KEY && curve == Some(OID_EC_P256)),
-        KeyKind::EcdsaP384 => assert!(*alg == OID_KEY_TYPE_EC_PUBLIC_KEY && curve == Some(OID_NIST_EC_P384)),
+        KeyKind::EcdsaP256 => {
+            assert!(*alg == OID_KEY_TYPE_EC_PUBLIC_KEY && curve == Some(OID_EC_P256))
+        }
+        KeyKind::EcdsaP384 => {
+            assert!(*alg == OID_KEY_TYPE_EC_PUBLIC_KEY && curve == Some(OID_NIST_EC_P384))
+        }
         KeyKind::Ed25519 => assert_eq!(*alg, OID_SIG_ED25519),
     }
     let mut sans = 0;
@@ -145,13 +153,19 @@ fn assert_within_policy(pem: &str, csr_der: &[u8], spki_der: &[u8], key: KeyKind
                     );
                 }
                 ParsedExtension::BasicConstraints(bc) => {
-                    assert!(!bc.ca && bc.path_len_constraint.is_none(), "accepted {bc:?}: {pem:?}");
+                    assert!(
+                        !bc.ca && bc.path_len_constraint.is_none(),
+                        "accepted {bc:?}: {pem:?}"
+                    );
                 }
                 other => panic!("accepted extension {} ({other:?}): {pem:?}", ext.oid),
             }
         }
     }
-    assert_eq!(sans, 1, "accepted {sans} subjectAltName extensions: {pem:?}");
+    assert_eq!(
+        sans, 1,
+        "accepted {sans} subjectAltName extensions: {pem:?}"
+    );
 }
 
 fn check(pem: &str) -> Result<(), CsrRejection> {
@@ -173,13 +187,22 @@ fn built(spec: Spec<'_>) {
     for san in &spec.sans {
         let entry = match san {
             San::Me => Some((SanType::URI(me.as_str().try_into().expect("ASCII")), true)),
-            San::MeWith(s) => format!("{me}{s}").as_str().try_into().ok().map(|u| (SanType::URI(u), true)),
+            San::MeWith(s) => format!("{me}{s}")
+                .as_str()
+                .try_into()
+                .ok()
+                .map(|u| (SanType::URI(u), true)),
             San::Uri(s) => (*s).try_into().ok().map(|u| (SanType::URI(u), true)),
             San::Dns(s) => (*s).try_into().ok().map(|d| (SanType::DnsName(d), false)),
             San::Ip(a) => Some((SanType::IpAddress(IpAddr::V4(Ipv4Addr::from(*a))), false)),
-            San::Email(s) => (*s).try_into().ok().map(|e| (SanType::Rfc822Name(e), false)),
+            San::Email(s) => (*s)
+                .try_into()
+                .ok()
+                .map(|e| (SanType::Rfc822Name(e), false)),
         };
-        let Some((name, is_uri)) = entry else { continue };
+        let Some((name, is_uri)) = entry else {
+            continue;
+        };
         if let SanType::URI(u) = &name {
             uris.push(u.as_str().to_owned());
         }
@@ -211,7 +234,9 @@ fn built(spec: Spec<'_>) {
                 (oid, content)
             }
         };
-        params.custom_extensions.push(CustomExtension::from_oid_content(&oid, content.to_vec()));
+        params
+            .custom_extensions
+            .push(CustomExtension::from_oid_content(&oid, content.to_vec()));
     }
     let key = &KEYS[match spec.key % 16 {
         0..=9 => 0,
@@ -227,13 +252,22 @@ fn built(spec: Spec<'_>) {
         return;
     }
     let ca_ok = matches!(params.is_ca, IsCa::NoCa | IsCa::ExplicitNoCa);
-    let expected_ok = allowed && ca_ok && !spec.key_usage && !spec.server_auth && uris == [me.clone()];
+    let expected_ok =
+        allowed && ca_ok && !spec.key_usage && !spec.server_auth && uris == [me.clone()];
     assert_eq!(got.is_ok(), expected_ok, "{got:?} for {params:?}");
     if let Err(reason) = got {
         let want = if !ca_ok {
-            matches!(reason, CsrRejection::CaRequested | CsrRejection::ForbiddenSan { .. } | CsrRejection::ForbiddenExtension { .. })
+            matches!(
+                reason,
+                CsrRejection::CaRequested
+                    | CsrRejection::ForbiddenSan { .. }
+                    | CsrRejection::ForbiddenExtension { .. }
+            )
         } else if !allowed {
-            matches!(reason, CsrRejection::ForbiddenSan { .. } | CsrRejection::ForbiddenExtension { .. })
+            matches!(
+                reason,
+                CsrRejection::ForbiddenSan { .. } | CsrRejection::ForbiddenExtension { .. }
+            )
         } else if spec.key_usage || spec.server_auth {
             matches!(reason, CsrRejection::ForbiddenExtension { .. })
         } else {

@@ -13,7 +13,7 @@ fuzz_target!(|input: &str| {
         !out.bytes().any(|b| b < 0x20),
         "a raw control character (line break) escaped the escaper: {out:?}"
     );
-    let decoded: String = serde_json::from_str(&out)
-        .unwrap_or_else(|e| panic!("not valid JSON ({e}): {out:?}"));
+    let decoded: String =
+        serde_json::from_str(&out).unwrap_or_else(|e| panic!("not valid JSON ({e}): {out:?}"));
     assert_eq!(decoded, input);
 });

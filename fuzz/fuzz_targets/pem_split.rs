@@ -111,7 +111,8 @@ fuzz_target!(|input: Input<'_>| match input {
             Label::PrivateKey => "PRIVATE KEY",
             Label::Other(l) => {
                 let plausible = !l.is_empty()
-                    && l.bytes().all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b' ')
+                    && l.bytes()
+                        .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b' ')
                     && !l.starts_with(' ')
                     && !l.ends_with(' ');
                 if !plausible {
@@ -139,7 +140,10 @@ fuzz_target!(|input: Input<'_>| match input {
         }
         let got = single_block(&text);
         if only_whitespace {
-            assert!(got.is_ok(), "refused a block with only whitespace around it ({got:?}): {text:?}");
+            assert!(
+                got.is_ok(),
+                "refused a block with only whitespace around it ({got:?}): {text:?}"
+            );
             assert_one_block(&text);
         } else {
             assert!(got.is_err(), "accepted text outside the block: {text:?}");

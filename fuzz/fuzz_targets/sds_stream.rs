@@ -14,8 +14,8 @@ use std::sync::LazyLock;
 use std::time::Duration;
 
 use arbitrary::Arbitrary;
-use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{Secret, secret};
 use envoy_types::pb::envoy::config::core::v3::data_source::Specifier;
+use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{Secret, secret};
 use envoy_types::pb::envoy::service::discovery::v3::DiscoveryRequest;
 use envoy_types::pb::google::rpc::Status;
 use libfuzzer_sys::fuzz_target;
@@ -31,15 +31,20 @@ static SVIDS: LazyLock<[Svid; 3]> = LazyLock::new(|| {
     let id = SpiffeId::for_service_account("cluster.local", "ns", "sa").expect("identity");
     let issue = |signer: &LocalSigner| {
         let key = rcgen::KeyPair::generate().expect("key");
-        let req = SignRequest::for_key(LeafProfile::Workload(id.clone()), &key, Duration::from_secs(3600))
-            .expect("request");
+        let req = SignRequest::for_key(
+            LeafProfile::Workload(id.clone()),
+            &key,
+            Duration::from_secs(3600),
+        )
+        .expect("request");
         let issued = signer.sign_now(&req).expect("sign");
         let roots = signer.trust_anchors_pem().concat();
         let mut chain = vec![issued.leaf_pem];
         chain.extend(issued.intermediates_pem);
         chain.push(roots.clone());
         let trusted = TrustBundle::from_pem(&roots).expect("roots");
-        Svid::from_response(&chain, &key, &id, &trusted, time::OffsetDateTime::now_utc()).expect("SVID")
+        Svid::from_response(&chain, &key, &id, &trusted, time::OffsetDateTime::now_utc())
+            .expect("SVID")
     };
     let first = LocalSigner::load_or_generate(&dir.path().join("a"), "cluster.local").expect("CA");
     let second = LocalSigner::load_or_generate(&dir.path().join("b"), "cluster.local").expect("CA");
@@ -122,18 +127,32 @@ fn respond(state: &mut StreamState, model: &mut Model) {
         return;
     };
     let expected = expected.expect("sent a response though no subscribed name is served");
-    assert_ne!(Some(&resp.version_info), model.sent_version.as_ref(), "sent the same content twice");
+    assert_ne!(
+        Some(&resp.version_info),
+        model.sent_version.as_ref(),
+        "sent the same content twice"
+    );
     assert_eq!(resp.version_info, expected.version);
     assert_eq!(resp.type_url, SECRET_TYPE_URL);
-    let previous = model.nonces.last().map(|n| n.parse::<u64>().expect("numeric nonce"));
+    let previous = model
+        .nonces
+        .last()
+        .map(|n| n.parse::<u64>().expect("numeric nonce"));
     let nonce: u64 = resp.nonce.parse().expect("numeric nonce");
-    assert!(previous.is_none_or(|p| nonce > p), "nonce {nonce} after {previous:?}");
+    assert!(
+        previous.is_none_or(|p| nonce > p),
+        "nonce {nonce} after {previous:?}"
+    );
     let wanted = effective(names);
     let mut seen = Vec::new();
     for any in &resp.resources {
         assert_eq!(any.type_url, SECRET_TYPE_URL);
         let secret = Secret::decode(any.value.as_slice()).expect("a Secret");
-        assert!(wanted.contains(&secret.name), "sent {} unasked ({wanted:?})", secret.name);
+        assert!(
+            wanted.contains(&secret.name),
+            "sent {} unasked ({wanted:?})",
+            secret.name
+        );
         assert!(!seen.contains(&secret.name), "sent {} twice", secret.name);
         let inline = |s: Option<Specifier>| match s {
             Some(Specifier::InlineBytes(b)) => String::from_utf8(b).expect("PEM"),
@@ -149,7 +168,10 @@ fn respond(state: &mut StreamState, model: &mut Model) {
             }
             Some(secret::Type::ValidationContext(v)) => {
                 assert_eq!(secret.name, "ROOTCA");
-                assert_eq!(inline(v.trusted_ca.and_then(|d| d.specifier)), svid.roots_pem);
+                assert_eq!(
+                    inline(v.trusted_ca.and_then(|d| d.specifier)),
+                    svid.roots_pem
+                );
             }
             other => panic!("unexpected secret type {other:?}"),
         }
@@ -170,7 +192,12 @@ fuzz_target!(|steps: Vec<Step<'_>>| {
                 respond(&mut state, &mut model);
             }
             Step::Poll => respond(&mut state, &mut model),
-            Step::Request { names, version, nonce, nack } => {
+            Step::Request {
+                names,
+                version,
+                nonce,
+                nack,
+            } => {
                 let names: Vec<String> = names
                     .into_iter()
                     .map(|n| match n {
@@ -184,7 +211,9 @@ fuzz_target!(|steps: Vec<Step<'_>>| {
                     Nonce::Latest => model.nonces.last().cloned().unwrap_or_default(),
                     Nonce::Earlier(k) => {
                         let n = model.nonces.len();
-                        n.checked_sub(2 + usize::from(k)).map(|i| model.nonces[i].clone()).unwrap_or_default()
+                        n.checked_sub(2 + usize::from(k))
+                            .map(|i| model.nonces[i].clone())
+                            .unwrap_or_default()
                     }
                     Nonce::Other(s) => s.to_owned(),
                 };
@@ -198,7 +227,11 @@ fuzz_target!(|steps: Vec<Step<'_>>| {
                     resource_names: names.clone(),
                     type_url: SECRET_TYPE_URL.to_owned(),
                     response_nonce: nonce.clone(),
-                    error_detail: nack.map(|m| Status { code: 3, message: m.to_owned(), details: vec![] }),
+                    error_detail: nack.map(|m| Status {
+                        code: 3,
+                        message: m.to_owned(),
+                        details: vec![],
+                    }),
                     ..Default::default()
                 };
                 let kind = state.on_request(&req);
@@ -212,8 +245,15 @@ fuzz_target!(|steps: Vec<Step<'_>>| {
                     }
                 } else if latest != Some(&nonce) {
                     assert_eq!(kind, RequestKind::Stale);
-                } else if let Some(message) = &req.error_detail.as_ref().map(|e| e.message.clone()) {
-                    assert_eq!(kind, RequestKind::Nack { version, message: message.clone() });
+                } else if let Some(message) = &req.error_detail.as_ref().map(|e| e.message.clone())
+                {
+                    assert_eq!(
+                        kind,
+                        RequestKind::Nack {
+                            version,
+                            message: message.clone()
+                        }
+                    );
                 } else {
                     assert_eq!(kind, RequestKind::Ack { version });
                     model.names = Some(names);

@@ -90,7 +90,9 @@ enum Input<'a> {
 fn time_value(t: &Time) -> Option<Value> {
     match t {
         Time::Offset(d) => Some(json!(NOW as i64 + i64::from(*d))),
-        Time::Absolute(x) => Some(serde_json::Number::from_f64(*x).map_or(Value::Null, Value::Number)),
+        Time::Absolute(x) => {
+            Some(serde_json::Number::from_f64(*x).map_or(Value::Null, Value::Number))
+        }
         Time::Text => Some(json!("1800000000")),
         Time::Null => Some(Value::Null),
         Time::Missing => None,
@@ -105,7 +107,12 @@ fn numeric_date(v: &Value) -> Option<f64> {
 
 fn encode(members: Vec<(&str, Value)>, shape: &Shape) -> String {
     let value = match shape {
-        Shape::Object => Value::Object(members.into_iter().map(|(k, v)| (k.to_owned(), v)).collect::<Map<_, _>>()),
+        Shape::Object => Value::Object(
+            members
+                .into_iter()
+                .map(|(k, v)| (k.to_owned(), v))
+                .collect::<Map<_, _>>(),
+        ),
         Shape::Array => Value::Array(members.into_iter().map(|(_, v)| v).collect()),
     };
     URL_SAFE_NO_PAD.encode(serde_json::to_vec(&value).expect("JSON"))
@@ -131,7 +138,10 @@ fn check_built(b: Built<'_>) {
         Aud::Ours(second) => Some(json!(AUDIENCES[usize::from(*second)])),
         Aud::Other(s) => Some(json!(s)),
         Aud::List(items, ours) => {
-            let mut list: Vec<Value> = items.iter().map(|i| i.map_or(json!(7), |s| json!(s))).collect();
+            let mut list: Vec<Value> = items
+                .iter()
+                .map(|i| i.map_or(json!(7), |s| json!(s)))
+                .collect();
             if *ours {
                 list.push(json!("istio-ca"));
             }
@@ -154,7 +164,13 @@ fn check_built(b: Built<'_>) {
     });
     // In the order of the pre-check's claim fields, so that the array shape lines them up.
     let mut payload = Vec::new();
-    for (k, v) in [("exp", &exp), ("nbf", &nbf), ("aud", &aud), ("iss", &iss), ("kubernetes.io", &kubernetes)] {
+    for (k, v) in [
+        ("exp", &exp),
+        ("nbf", &nbf),
+        ("aud", &aud),
+        ("iss", &iss),
+        ("kubernetes.io", &kubernetes),
+    ] {
         if let Some(v) = v {
             payload.push((k, v.clone()));
         }
@@ -171,7 +187,10 @@ fn check_built(b: Built<'_>) {
         if token.len() > 8 * 1024 {
             return Err(PrecheckError::TooLong);
         }
-        if b.signature.is_empty() || !matches!(b.header_shape, Shape::Object) || !matches!(b.payload_shape, Shape::Object) {
+        if b.signature.is_empty()
+            || !matches!(b.header_shape, Shape::Object)
+            || !matches!(b.payload_shape, Shape::Object)
+        {
             return Err(PrecheckError::Malformed);
         }
         // A header `alg` that is not a string is not a JWS header.
@@ -183,7 +202,10 @@ fn check_built(b: Built<'_>) {
         if !alg.is_some_and(|a| ALGORITHMS.contains(&a)) {
             return Err(PrecheckError::Algorithm);
         }
-        let exp_at = exp.as_ref().and_then(numeric_date).ok_or(PrecheckError::Expired)?;
+        let exp_at = exp
+            .as_ref()
+            .and_then(numeric_date)
+            .ok_or(PrecheckError::Expired)?;
         if exp_at + SKEW as f64 <= NOW as f64 {
             return Err(PrecheckError::Expired);
         }
@@ -213,16 +235,30 @@ fn check_built(b: Built<'_>) {
         Ok(b.pod == Some(true))
     })();
 
-    let issuers = if b.issuers_configured { vec![ISSUER.to_owned()] } else { vec![] };
+    let issuers = if b.issuers_configured {
+        vec![ISSUER.to_owned()]
+    } else {
+        vec![]
+    };
     let precheck = Precheck::new(AUDIENCES.iter().map(|a| (*a).to_owned()).collect(), issuers);
     let now = UNIX_EPOCH + Duration::from_secs(NOW);
     let got = precheck.check(&token, now);
     match (&got, &expected) {
         (Ok(claims), Ok(pod_bound)) => {
             assert_eq!(claims.pod_bound, *pod_bound, "{token}");
-            let exp_at = exp.as_ref().and_then(numeric_date).expect("model accepted exp");
-            let got_at = claims.expires.duration_since(UNIX_EPOCH).expect("after epoch").as_secs_f64();
-            assert!((got_at - exp_at).abs() < 1e-3, "expires {got_at} for exp {exp_at}");
+            let exp_at = exp
+                .as_ref()
+                .and_then(numeric_date)
+                .expect("model accepted exp");
+            let got_at = claims
+                .expires
+                .duration_since(UNIX_EPOCH)
+                .expect("after epoch")
+                .as_secs_f64();
+            assert!(
+                (got_at - exp_at).abs() < 1e-3,
+                "expires {got_at} for exp {exp_at}"
+            );
         }
         // Within a microsecond of a boundary, float and SystemTime arithmetic may round apart.
         (Err(PrecheckError::Expired), Ok(_)) | (Ok(_), Err(PrecheckError::Expired))
@@ -246,9 +282,13 @@ fuzz_target!(|input: Input<'_>| match input {
             let parts: Vec<&str> = token.split('.').collect();
             assert_eq!(parts.len(), 3, "{token:?}");
             for part in &parts[..2] {
-                let json: Value = serde_json::from_slice(&URL_SAFE_NO_PAD.decode(part).expect("base64url"))
-                    .expect("JSON");
-                assert!(json.is_object(), "accepted a non-object JWS part: {token:?}");
+                let json: Value =
+                    serde_json::from_slice(&URL_SAFE_NO_PAD.decode(part).expect("base64url"))
+                        .expect("JSON");
+                assert!(
+                    json.is_object(),
+                    "accepted a non-object JWS part: {token:?}"
+                );
             }
         }
     }
