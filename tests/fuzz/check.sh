@@ -26,6 +26,7 @@ export CARGO_TARGET_DIR="${MESHID_FUZZ_TARGET_DIR:-$HOME/.cache/meshid/fuzz-targ
 mkdir -p "$CARGO_TARGET_DIR"
 
 cd fuzz
+cargo fmt --check
 fuzz=(cargo +nightly fuzz)
 "${fuzz[@]}" build --sanitizer none
 built=$(date +%s)
