@@ -18,7 +18,8 @@ pub enum PemError {
     /// More than one PEM block where exactly one is expected.
     #[error("more than one PEM block")]
     MultipleBlocks,
-    /// Text other than whitespace before or after the PEM block.
+    /// Text other than whitespace before or after the PEM block, or after its BEGIN or END
+    /// marker on the same line, or an END marker whose label is not the BEGIN marker's.
     #[error("text outside the PEM block")]
     TextAround,
 }
@@ -28,6 +29,7 @@ pub enum PemError {
 pub fn single_block(pem: &str) -> Result<(), PemError> {
     const BEGIN: &str = "-----BEGIN ";
     const END: &str = "-----END ";
+    const DASHES: &str = "-----";
     let begins = pem.matches(BEGIN).count();
     let ends = pem.matches(END).count();
     match (begins, ends) {
@@ -35,12 +37,19 @@ pub fn single_block(pem: &str) -> Result<(), PemError> {
         (1, 1) => {}
         _ => return Err(PemError::MultipleBlocks),
     }
-    let body = pem.trim();
-    let last_line = body.rsplit('\n').next().unwrap_or(body).trim_end();
-    if !(body.starts_with(BEGIN) && last_line.starts_with(END) && last_line.ends_with("-----")) {
-        return Err(PemError::TextAround);
+    // The first and last lines must be the markers, whole, with the same label: text after a
+    // marker on its own line is text outside the block too (found by the pem_split fuzz target).
+    let mut lines = pem.trim().lines();
+    let label = |line: Option<&str>, marker: &str| {
+        line.and_then(|l| l.strip_prefix(marker))
+            .and_then(|l| l.strip_suffix(DASHES))
+    };
+    let begin = label(lines.next(), BEGIN);
+    let end = label(lines.next_back(), END);
+    match (begin, end) {
+        (Some(b), Some(e)) if b == e => Ok(()),
+        _ => Err(PemError::TextAround),
     }
-    Ok(())
 }
 
 /// Parses every `CERTIFICATE` block in `pem`, in order. Fails when there is none.
@@ -118,6 +127,26 @@ mod tests {
             Err(PemError::MultipleBlocks)
         ));
         assert!(matches!(single_block("AAAA"), Err(PemError::NoBlock)));
+    }
+
+    #[test]
+    fn text_after_a_marker_on_its_line_or_mismatched_labels_are_refused() {
+        // Inputs the pem_split fuzz target found accepted (the first) or that the same rule covers.
+        let cases = [
+            "-----BEGIN CERTIFICATE REQUEST-----:MIIB\nAAAA\n-----END CERTIFICATE REQUEST-----\n",
+            "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----x-----",
+            "-----BEGIN CERTIFICATE REQUEST----- x\nAAAA\n-----END CERTIFICATE REQUEST-----",
+            "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE-----",
+            "-----BEGIN CERTIFICATE REQUEST-----AAAA-----END CERTIFICATE REQUEST-----",
+        ];
+        for pem in cases {
+            assert!(
+                matches!(single_block(pem), Err(PemError::TextAround)),
+                "{pem:?}"
+            );
+        }
+        let crlf = "-----BEGIN X-----\r\nAAAA\r\n-----END X-----\r\n";
+        assert!(single_block(crlf).is_ok());
     }
 
     #[test]

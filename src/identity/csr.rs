@@ -453,6 +453,24 @@ mod tests {
     }
 
     #[test]
+    fn a_csr_with_text_after_a_pem_marker_on_its_line_is_refused_as_text_around_the_pem() {
+        let pem = good(&KeyPair::generate().unwrap());
+        let begin = "-----BEGIN CERTIFICATE REQUEST-----";
+        let end = "-----END CERTIFICATE REQUEST-----";
+        for bad in [
+            pem.replacen(begin, &format!("{begin}:"), 1),
+            pem.replacen(end, &format!("{end}x-----"), 1),
+            pem.replacen(end, "-----END CERTIFICATE-----", 1),
+        ] {
+            assert_eq!(
+                check_csr(&bad, &id()).unwrap_err(),
+                CsrRejection::TextAroundPem,
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
     fn basic_constraints_ca_false_with_a_path_length_is_refused() {
         let key = KeyPair::generate().unwrap();
         let mut p = params(vec![uri(&id().to_string())]);
