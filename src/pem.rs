@@ -40,10 +40,9 @@ pub fn single_block(pem: &str) -> Result<(), PemError> {
     // The first and last lines must be the markers, whole, with the same label: text after a
     // marker on its own line is text outside the block too (found by the pem_split fuzz target).
     let mut lines = pem.trim().lines();
-    let label = |line: Option<&str>, marker: &str| {
-        line.and_then(|l| l.strip_prefix(marker))
-            .and_then(|l| l.strip_suffix(DASHES))
-    };
+    fn label<'a>(line: Option<&'a str>, marker: &str) -> Option<&'a str> {
+        line?.strip_prefix(marker)?.strip_suffix(DASHES)
+    }
     let begin = label(lines.next(), BEGIN);
     let end = label(lines.next_back(), END);
     match (begin, end) {
