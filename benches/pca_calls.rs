@@ -15,13 +15,14 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use futures::future::BoxFuture;
 use meshid::agent::{WorkloadKeyType, generate_csr};
 use meshid::identity::{LeafProfile, SpiffeId, check_csr};
 use meshid::signer::aws_pca::api::{
     Api, ApiError, CaDescription, CertificateAndChain, IssueRequest,
 };
 use meshid::signer::aws_pca::{AwsPcaOptions, PcaApi, PcaMetrics, PcaMode, SdkPcaClient, start};
-use meshid::signer::{BoxFuture, SignRequest, Signer};
+use meshid::signer::{SignRequest, Signer};
 
 const MAX_LEAF: Duration = Duration::from_secs(48 * 3600);
 const INTERMEDIATE_TTL: Duration = Duration::from_secs(6 * 24 * 3600);

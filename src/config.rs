@@ -206,6 +206,17 @@ pub struct ServerArgs {
     /// Name of istiod's TLS Secret [default: istiod-tls].
     #[arg(long, env = "MESHID_ISTIOD_SECRET_NAME")]
     pub istiod_secret_name: Option<String>,
+    /// Serve the remote clusters registered by Istio remote Secrets (label
+    /// `istio/multiCluster: "true"`) in --remote-secrets-namespace, watched (see
+    /// docs/multicluster.md) [default: false].
+    #[arg(long, env = "MESHID_REMOTE_SECRETS", num_args = 0..=1, default_missing_value = "true")]
+    pub remote_secrets: Option<bool>,
+    /// Namespace of the remote Secrets [default: $POD_NAMESPACE or meshid-system].
+    #[arg(long, env = "MESHID_REMOTE_SECRETS_NAMESPACE")]
+    pub remote_secrets_namespace: Option<String>,
+    /// Remote clusters from kubeconfig files, `CLUSTER_ID=PATH` comma-separated [default: none].
+    #[arg(long, env = "MESHID_REMOTE_KUBECONFIGS", value_delimiter = ',')]
+    pub remote_kubeconfigs: Option<Vec<String>>,
     /// Service accounts (namespace/name, comma-separated) that may request certificates for
     /// workloads on their node via `ImpersonatedIdentity` [default: istio-system/ztunnel].
     #[arg(long, env = "MESHID_TRUSTED_NODE_ACCOUNTS", value_delimiter = ',')]
@@ -357,9 +368,20 @@ pub struct ServerConfig {
     pub trusted_node_accounts: Vec<(String, String)>,
     /// Connection and request limits of the listeners.
     pub limits: ServerLimits,
+    /// Remote clusters (only with TokenReview authentication).
+    pub remote_clusters: RemoteClusters,
     /// The settings left unset, with the defaults they got (logged by
     /// [`ServerConfig::log_defaults`] once logging is set up).
     pub defaults: Vec<AppliedDefault>,
+}
+
+/// Where remote clusters come from (see [`crate::cluster`]).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RemoteClusters {
+    /// Namespace whose remote Secrets are watched; `None` when off.
+    pub secrets_namespace: Option<String>,
+    /// (cluster ID, kubeconfig file).
+    pub kubeconfigs: Vec<(String, PathBuf)>,
 }
 
 /// Settings of the leader-elected controllers.
@@ -468,6 +490,9 @@ impl ServerArgs {
             istiod_namespace,
             istiod_revision,
             istiod_secret_name,
+            remote_secrets,
+            remote_secrets_namespace,
+            remote_kubeconfigs,
             trusted_node_accounts,
             max_connections,
             handshake_timeout,
@@ -650,6 +675,7 @@ impl Validator<'_> {
         let trusted_node_accounts = crate::authz::parse_trusted_accounts(&trusted)
             .map_err(|m| invalid("--trusted-node-accounts", m))?;
         let limits = self.limits()?;
+        let remote_clusters = self.remote_clusters(&authn, &cluster_id)?;
         let log_format = self.enum_or_default("log-format", a.log_format);
         Ok(ServerConfig {
             listen,
@@ -670,7 +696,69 @@ impl Validator<'_> {
             controllers,
             trusted_node_accounts,
             limits,
+            remote_clusters,
             defaults: self.defaults,
+        })
+    }
+
+    /// Remote clusters need TokenReview authentication; file entries are `ID=PATH` with a
+    /// non-empty ID other than the local one, each ID once.
+    fn remote_clusters(
+        &mut self,
+        authn: &AuthnConfig,
+        local_id: &str,
+    ) -> Result<RemoteClusters, ConfigError> {
+        let (a, env) = (self.args, self.env);
+        let secrets = a.remote_secrets.unwrap_or(false);
+        let files = a.remote_kubeconfigs.clone().unwrap_or_default();
+        if matches!(authn, AuthnConfig::StaticTokens(_)) && (secrets || !files.is_empty()) {
+            return Err(invalid(
+                "--static-tokens",
+                "remote clusters (--remote-secrets, --remote-kubeconfigs) need TokenReview",
+            ));
+        }
+        let mut kubeconfigs: Vec<(String, PathBuf)> = Vec::new();
+        for entry in files {
+            let (id, path) = entry
+                .split_once('=')
+                .map(|(id, path)| (id.trim(), path.trim()))
+                .filter(|(id, path)| !id.is_empty() && !path.is_empty())
+                .ok_or_else(|| {
+                    invalid(
+                        "--remote-kubeconfigs",
+                        format!("{entry:?} is not CLUSTER_ID=PATH"),
+                    )
+                })?;
+            if id == local_id {
+                return Err(invalid(
+                    "--remote-kubeconfigs",
+                    format!("{id:?} is the local --cluster-id"),
+                ));
+            }
+            if kubeconfigs.iter().any(|(other, _)| other == id) {
+                return Err(invalid(
+                    "--remote-kubeconfigs",
+                    format!("cluster {id:?} named twice"),
+                ));
+            }
+            kubeconfigs.push((id.to_owned(), PathBuf::from(path)));
+        }
+        let secrets_namespace = if secrets {
+            Some(self.or_default(
+                "remote-secrets-namespace",
+                a.remote_secrets_namespace.clone(),
+                || {
+                    env.pod_namespace
+                        .clone()
+                        .unwrap_or_else(|| "meshid-system".into())
+                },
+            ))
+        } else {
+            None
+        };
+        Ok(RemoteClusters {
+            secrets_namespace,
+            kubeconfigs,
         })
     }
 
@@ -1245,6 +1333,60 @@ mod tests {
                     queue_timeout: Duration::from_secs(5),
                 },
             }
+        );
+    }
+
+    #[test]
+    fn remote_clusters_are_off_by_default_and_named_by_id_and_path() {
+        let c = base().validate().unwrap();
+        assert_eq!(c.remote_clusters, RemoteClusters::default());
+        let c = ServerArgs {
+            remote_secrets: Some(true),
+            remote_kubeconfigs: Some(vec!["b=/etc/b.yaml".into(), " c = /etc/c.yaml".into()]),
+            ..base()
+        }
+        .validate_in(&env())
+        .unwrap();
+        assert_eq!(
+            c.remote_clusters.secrets_namespace.as_deref(),
+            Some("pod-ns")
+        );
+        assert_eq!(
+            c.remote_clusters.kubeconfigs,
+            vec![
+                ("b".to_owned(), PathBuf::from("/etc/b.yaml")),
+                ("c".to_owned(), PathBuf::from("/etc/c.yaml"))
+            ]
+        );
+        for bad in ["b", "=/x", "b=", "Kubernetes=/x"] {
+            let err = ServerArgs {
+                remote_kubeconfigs: Some(vec![bad.into()]),
+                ..base()
+            }
+            .validate()
+            .unwrap_err();
+            assert!(
+                err.to_string().contains("--remote-kubeconfigs"),
+                "{bad}: {err}"
+            );
+        }
+        let twice = ServerArgs {
+            remote_kubeconfigs: Some(vec!["b=/x".into(), "b=/y".into()]),
+            ..base()
+        };
+        assert!(twice.validate().is_err());
+        let static_tokens = ServerArgs {
+            static_tokens: Some("/tmp/tokens".into()),
+            root_configmap: Some(false),
+            remote_secrets: Some(true),
+            ..base()
+        };
+        assert!(
+            static_tokens
+                .validate()
+                .unwrap_err()
+                .to_string()
+                .contains("need TokenReview")
         );
     }
 

@@ -18,11 +18,13 @@ pub mod app;
 #[cfg(feature = "server")]
 pub mod authn;
 #[cfg(feature = "server")]
-pub mod authz;
+pub(crate) mod authz;
+#[cfg(feature = "server")]
+pub mod cluster;
 #[cfg(feature = "server")]
 pub mod config;
 #[cfg(feature = "server")]
-pub mod controller;
+pub(crate) mod controller;
 pub mod identity;
 pub mod pem;
 pub mod proto;
@@ -32,7 +34,7 @@ pub mod sds;
 #[cfg(feature = "server")]
 pub mod server;
 pub mod signer;
-pub mod svid;
+pub(crate) mod svid;
 pub mod telemetry;
 pub mod trust;
 

@@ -1,4 +1,5 @@
-//! Small PEM helpers shared by the signer, trust bundle and agent.
+//! Small PEM helpers shared by the signer, trust bundle and agent: decoding with
+//! rustls-pki-types' `PemObject`, encoding with the `pem` crate.
 
 use rustls_pki_types::CertificateDer;
 use rustls_pki_types::pem::PemObject;
@@ -26,6 +27,10 @@ pub enum PemError {
 
 /// Checks that `pem` is exactly one PEM block (`-----BEGIN …-----` … `-----END …-----`) with
 /// nothing but whitespace before and after it. The block's content is not decoded here.
+///
+/// Our own, beside the standard parsers: rustls-pki-types' `PemObject` and the `pem` crate
+/// both skip any text around the blocks they find (as RFC 7468 allows), so neither can refuse
+/// "garbage, then a CSR" or a second block; this check is what makes the CSR parser strict.
 pub fn single_block(pem: &str) -> Result<(), PemError> {
     const BEGIN: &str = "-----BEGIN ";
     const END: &str = "-----END ";
@@ -62,19 +67,16 @@ pub fn parse_certs(pem: &str) -> Result<Vec<CertificateDer<'static>>, PemError> 
     Ok(certs)
 }
 
+/// Encodes `der` as one PEM block labelled `label` (64-column lines, LF endings, a trailing
+/// newline), with the `pem` crate (already linked through rcgen).
+pub fn encode(label: &str, der: &[u8]) -> String {
+    let config = ::pem::EncodeConfig::new().set_line_ending(::pem::LineEnding::LF);
+    ::pem::encode_config(&::pem::Pem::new(label, der), config)
+}
+
 /// Encodes one DER certificate as PEM (with a trailing newline).
 pub fn cert_to_pem(der: &[u8]) -> String {
-    use base64::Engine;
-    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
-    let mut out = String::with_capacity(b64.len() + 64);
-    out.push_str("-----BEGIN CERTIFICATE-----\n");
-    for chunk in b64.as_bytes().chunks(64) {
-        // base64 output is ASCII, so every chunk is valid UTF-8.
-        out.push_str(std::str::from_utf8(chunk).unwrap_or_default());
-        out.push('\n');
-    }
-    out.push_str("-----END CERTIFICATE-----\n");
-    out
+    encode("CERTIFICATE", der)
 }
 
 /// Joins PEM documents so that each starts on its own line, even when one lacks a trailing

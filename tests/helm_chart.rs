@@ -129,6 +129,13 @@ fn every_rendered_config_file_is_accepted_by_meshid_server() {
             strings(&file, "trusted-node-accounts"),
             "{scenario}"
         );
+        // Remote clusters: the Secrets are watched exactly where the chart grants reading them.
+        let remote_secrets = file.get_bool("remote-secrets").unwrap_or(false);
+        assert_eq!(
+            config.remote_clusters.secrets_namespace,
+            remote_secrets.then(|| get("remote-secrets-namespace")),
+            "{scenario}"
+        );
         // The controllers (and their leader election) run when one of them is on; the chart's
         // RBAC names this Lease and this Secret, so the controllers must use exactly these.
         let (root, istiod) = (flag("root-configmap"), flag("istiod-cert"));

@@ -32,6 +32,9 @@ hash -r
 
 step "cargo fmt --check"
 cargo fmt --all -- --check
+step "no function in src/ over 80 lines (tests/fn-length/check.py)"
+python3 tests/fn-length/check.py --self-test
+python3 tests/fn-length/check.py
 step "cargo clippy"
 cargo clippy --all-targets --locked -- -D warnings
 step "agent-only build (--no-default-features): clippy and unit tests"
@@ -44,6 +47,8 @@ harness_env=$(tests/kube-harness/run.sh up)
 eval "$harness_env"
 trap 'tests/kube-harness/run.sh down || true' EXIT
 
+# tests/multicluster.rs starts (and stops) a second harness instance of its own with this
+# script, in a temporary directory (common::kube::Instance): nothing to start for it here.
 step "cargo test"
 cargo test --all-targets --locked
 

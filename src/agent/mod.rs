@@ -23,12 +23,9 @@ pub use config::{
     AgentConfig, AgentConfigError, DEFAULT_CA_ADDRESS, DEFAULT_CA_ROOT_FILE, DEFAULT_HTTP_LISTEN,
     DEFAULT_TOKEN_FILE,
 };
-pub use files::{CHAIN_FILE, FilesError, KEY_FILE, ROOT_FILE, write_svid};
-pub use metrics::AgentMetrics;
+pub use files::FilesError;
 pub use policy::{PolicyError, RotationPolicy};
-pub use rotation::{CertificateIssuer, Rotation, RotationError, RotationSettings};
 pub use run::{AgentError, AgentHandle, run_agent, start_agent};
-pub use trust::{CaTrust, FollowedRoots, ROOT_FILE_POLL_INTERVAL, watch_root_file};
 
 // The SVID types live in `crate::svid` (below both the agent and `sds`); re-exported here for
 // the agent's users.

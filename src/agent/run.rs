@@ -128,19 +128,7 @@ pub async fn start_agent(
 ) -> Result<AgentHandle, AgentError> {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
     let s = config.validate()?;
-    let root_path = s.ca_root_file.display().to_string();
-    let root_pem = tokio::fs::read_to_string(&s.ca_root_file)
-        .await
-        .map_err(|source| AgentError::CaRoot {
-            path: root_path.clone(),
-            source,
-        })?;
-    let file_roots =
-        TrustBundle::from_pem(&root_pem).map_err(|source| AgentError::CaRootInvalid {
-            path: root_path,
-            source,
-        })?;
-    let trust = CaTrust::new(&file_roots);
+    let trust = CaTrust::new(&read_ca_roots(&s.ca_root_file).await?);
     let client = CaClient::following(
         &s.ca_address,
         trust.subscribe(),
@@ -157,19 +145,7 @@ pub async fn start_agent(
     let sds_socket = sds::SdsSocket::bind(&s.sds_socket)?
         .count_recreations(metrics.sds.socket_recreations.clone());
     let sds_serving = sds_socket.serving();
-    let http_listener =
-        TcpListener::bind(s.http_listen)
-            .await
-            .map_err(|source| AgentError::Bind {
-                addr: s.http_listen,
-                source,
-            })?;
-    let http_addr = http_listener
-        .local_addr()
-        .map_err(|source| AgentError::Bind {
-            addr: s.http_listen,
-            source,
-        })?;
+    let (http_listener, http_addr) = bind_http(s.http_listen).await?;
 
     tokio::spawn({
         let stop = stop.clone();
@@ -191,81 +167,131 @@ pub async fn start_agent(
         metrics.clone(),
         trust.clone(),
     );
-    let root_file = watch_root_file(
-        s.ca_root_file.clone(),
-        trust,
-        ROOT_FILE_POLL_INTERVAL,
-        stop_rx.clone(),
-    );
-    let sds_service = SdsService::new(svids.clone(), metrics.sds.clone(), stop_rx.clone());
-    let app = router(svids.clone(), metrics.clone(), sds_serving);
-    let files = s
-        .write_files
-        .clone()
-        .map(|dir| run_file_sink(dir, svids.clone(), stop_rx.clone()));
-    let sds_path = s.sds_socket.clone();
-
+    let components = Components {
+        rotation: rotation.run(svid_tx, stop_rx.clone()),
+        root_file: watch_root_file(
+            s.ca_root_file.clone(),
+            trust,
+            ROOT_FILE_POLL_INTERVAL,
+            stop_rx.clone(),
+        ),
+        files: s
+            .write_files
+            .clone()
+            .map(|dir| run_file_sink(dir, svids.clone(), stop_rx.clone())),
+        sds_socket,
+        sds_service: SdsService::new(svids.clone(), metrics.sds.clone(), stop_rx.clone()),
+        http_listener,
+        http: router(svids.clone(), metrics.clone(), sds_serving),
+        stop,
+        stop_rx,
+    };
     tracing::info!(
         identity = %s.identity,
         ca = %s.ca_address,
-        sds_socket = %sds_path.display(),
+        sds_socket = %s.sds_socket.display(),
         %http_addr,
         "meshid agent started"
     );
-    let task = tokio::spawn({
-        let stop_rx = stop_rx.clone();
-        async move {
-            let rotation = tokio::spawn(rotation.run(svid_tx, stop_rx.clone()));
-            let root_file = tokio::spawn(root_file);
-            let files = files.map(tokio::spawn);
-            // A component that fails stops the others.
-            let fail_fast = |result: Result<(), AgentError>| {
-                if result.is_err() {
-                    stop.send_replace(true);
-                }
-                result
-            };
-            let sds = async {
-                fail_fast(
-                    sds::serve(sds_socket, sds_service, stop_rx.clone())
-                        .await
-                        .map_err(AgentError::from),
-                )
-            };
-            let mut http_stop = stop_rx.clone();
-            let http = async {
-                fail_fast(
-                    axum::serve(http_listener, app)
-                        .with_graceful_shutdown(async move {
-                            let _ = http_stop.wait_for(|s| *s).await;
-                        })
-                        .await
-                        .map_err(AgentError::Http),
-                )
-            };
-            let (sds_result, http_result) = tokio::join!(sds, http);
-            rotation
-                .await
-                .map_err(|e| AgentError::Task(e.to_string()))?;
-            root_file
-                .await
-                .map_err(|e| AgentError::Task(e.to_string()))?;
-            if let Some(files) = files {
-                files.await.map_err(|e| AgentError::Task(e.to_string()))?;
-            }
-            sds_result?;
-            http_result?;
-            tracing::info!("meshid agent stopped");
-            Ok(())
-        }
-    });
     Ok(AgentHandle {
-        sds_socket: sds_path,
+        sds_socket: s.sds_socket,
         http_addr,
         svids,
         metrics,
-        task,
+        task: tokio::spawn(components.run()),
     })
+}
+
+/// Reads and parses the CA root file.
+async fn read_ca_roots(path: &std::path::Path) -> Result<TrustBundle, AgentError> {
+    let root_path = path.display().to_string();
+    let root_pem = tokio::fs::read_to_string(path)
+        .await
+        .map_err(|source| AgentError::CaRoot {
+            path: root_path.clone(),
+            source,
+        })?;
+    TrustBundle::from_pem(&root_pem).map_err(|source| AgentError::CaRootInvalid {
+        path: root_path,
+        source,
+    })
+}
+
+/// Binds the HTTP probes/metrics listener.
+async fn bind_http(addr: SocketAddr) -> Result<(TcpListener, SocketAddr), AgentError> {
+    let bind_err = |source| AgentError::Bind { addr, source };
+    let listener = TcpListener::bind(addr).await.map_err(bind_err)?;
+    let bound = listener.local_addr().map_err(bind_err)?;
+    Ok((listener, bound))
+}
+
+/// The agent's running parts, built and bound by [`start_agent`].
+struct Components<R, F, S> {
+    rotation: R,
+    root_file: F,
+    files: Option<S>,
+    sds_socket: sds::SdsSocket,
+    sds_service: SdsService,
+    http_listener: TcpListener,
+    http: axum::Router,
+    stop: Arc<watch::Sender<bool>>,
+    stop_rx: watch::Receiver<bool>,
+}
+
+impl<R, F, S> Components<R, F, S>
+where
+    R: Future<Output = ()> + Send + 'static,
+    F: Future<Output = ()> + Send + 'static,
+    S: Future<Output = ()> + Send + 'static,
+{
+    /// Runs every component until shutdown; a component that fails stops the others.
+    async fn run(self) -> Result<(), AgentError> {
+        let Self {
+            rotation,
+            root_file,
+            files,
+            sds_socket,
+            sds_service,
+            http_listener,
+            http,
+            stop,
+            stop_rx,
+        } = self;
+        let rotation = tokio::spawn(rotation);
+        let root_file = tokio::spawn(root_file);
+        let files = files.map(tokio::spawn);
+        let fail_fast = |result: Result<(), AgentError>| {
+            if result.is_err() {
+                stop.send_replace(true);
+            }
+            result
+        };
+        let sds = async {
+            let served = sds::serve(sds_socket, sds_service, stop_rx.clone()).await;
+            fail_fast(served.map_err(AgentError::from))
+        };
+        let mut http_stop = stop_rx.clone();
+        let http = async {
+            let served = axum::serve(http_listener, http)
+                .with_graceful_shutdown(async move {
+                    let _ = http_stop.wait_for(|s| *s).await;
+                })
+                .await;
+            fail_fast(served.map_err(AgentError::Http))
+        };
+        let (sds_result, http_result) = tokio::join!(sds, http);
+        let joined =
+            |r: Result<(), tokio::task::JoinError>| r.map_err(|e| AgentError::Task(e.to_string()));
+        joined(rotation.await)?;
+        joined(root_file.await)?;
+        if let Some(files) = files {
+            joined(files.await)?;
+        }
+        sds_result?;
+        http_result?;
+        tracing::info!("meshid agent stopped");
+        Ok(())
+    }
 }
 
 /// Runs the agent until `shutdown` completes: [`start_agent`] then [`AgentHandle::wait`].

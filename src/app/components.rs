@@ -12,12 +12,16 @@ use tokio::sync::watch;
 use tokio::task::JoinSet;
 
 use super::AppError;
+use super::clusters::Clusters;
 use crate::authn::{
-    ApiLimiter, Authenticator, CacheTtls, KubeTokenReviewer, StaticTokenAuthenticator, TokenCache,
+    ApiLimiter, Authenticator, CacheTtls, ClusterReviewers, StaticTokenAuthenticator, TokenCache,
     TokenReviewAuthenticator, TokenReviewOptions,
 };
 use crate::authz::{ImpersonationAuthorizer, NodeAuthorizer};
-use crate::config::{AuthnConfig, ControllerConfig, ServerConfig, ServingTls, SignerConfig};
+use crate::cluster::ClusterSet;
+use crate::config::{
+    AuthnConfig, ControllerConfig, RemoteClusters, ServerConfig, ServingTls, SignerConfig,
+};
 use crate::controller::{
     Controllers, InUse, LeaseObserver, LeaseSettings, SigningRoots, SigningRootsSettings,
     spawn_elector,
@@ -60,6 +64,10 @@ pub(super) struct AuthnOptions {
     pub trust_domain: String,
     /// Node agents (namespace, service account) that may impersonate workloads on their node.
     pub trusted_node_accounts: Vec<(String, String)>,
+    /// The local cluster's ID.
+    pub cluster_id: String,
+    /// Where remote clusters come from.
+    pub remote_clusters: RemoteClusters,
 }
 
 impl AuthnOptions {
@@ -69,6 +77,8 @@ impl AuthnOptions {
             audiences: cfg.audiences.clone(),
             trust_domain: cfg.trust_domain.clone(),
             trusted_node_accounts: cfg.trusted_node_accounts.clone(),
+            cluster_id: cfg.cluster_id.clone(),
+            remote_clusters: cfg.remote_clusters.clone(),
         }
     }
 }
@@ -79,6 +89,8 @@ pub(super) struct Authentication {
     pub authenticator: Arc<dyn Authenticator>,
     pub impersonation: Option<Arc<dyn ImpersonationAuthorizer>>,
     pub kube: Option<kube::Client>,
+    /// The clusters served, with TokenReview.
+    pub clusters: Option<Clusters>,
 }
 
 impl Authentication {
@@ -96,11 +108,13 @@ impl Authentication {
             AuthnConfig::StaticTokens(path) => {
                 tracing::warn!("using static token authentication: development only");
                 let a = StaticTokenAuthenticator::from_file(path, &opts.trust_domain)
-                    .map_err(authn_err)?;
+                    .map_err(authn_err)?
+                    .for_cluster(&opts.cluster_id);
                 Ok(Self {
                     authenticator: Arc::new(a),
                     impersonation: None,
                     kube: None,
+                    clusters: None,
                 })
             }
             AuthnConfig::TokenReview {
@@ -121,8 +135,17 @@ impl Authentication {
                     );
                 });
                 let limiter = ApiLimiter::new(*limits, refused);
-                let reviewer =
-                    Arc::new(KubeTokenReviewer::new(client.clone(), TOKENREVIEW_TIMEOUT));
+                let clusters = Clusters::build(
+                    &opts.cluster_id,
+                    client.clone(),
+                    &opts.remote_clusters,
+                    metrics,
+                )
+                .await;
+                let reviewer = Arc::new(ClusterReviewers::new(
+                    clusters.registry.clone(),
+                    TOKENREVIEW_TIMEOUT,
+                ));
                 let ttls = CacheTtls {
                     positive: *cache_ttl,
                     pod_bound: *pod_cache_ttl,
@@ -141,7 +164,7 @@ impl Authentication {
                     metrics.clone(),
                 ));
                 let node = NodeAuthorizer::new(
-                    client.clone(),
+                    clusters.registry.clone(),
                     opts.trusted_node_accounts,
                     limiter,
                     node_authz_calls,
@@ -150,6 +173,7 @@ impl Authentication {
                     authenticator,
                     impersonation: Some(Arc::new(node)),
                     kube: Some(client),
+                    clusters: Some(clusters),
                 })
             }
         }
@@ -481,6 +505,7 @@ impl ControllerSet {
     pub fn build(
         opts: Option<&ControllerConfig>,
         kube: Option<&kube::Client>,
+        clusters: Option<watch::Receiver<Arc<ClusterSet>>>,
         trust: watch::Receiver<Arc<TrustBundle>>,
         signer: Arc<dyn Signer>,
         metrics: &ServerMetrics,
@@ -510,6 +535,7 @@ impl ControllerSet {
             observer,
             controllers: Controllers {
                 client: client.clone(),
+                clusters,
                 trust,
                 signer,
                 root_configmaps: opts.root_configmaps,

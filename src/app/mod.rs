@@ -2,6 +2,7 @@
 //! when the shutdown future completes. Each component is built by its own constructor from its
 //! own options (`components`); this module only wires them.
 
+mod clusters;
 mod components;
 mod listeners;
 
@@ -112,21 +113,17 @@ pub async fn start_server(
     let controllers = ControllerSet::build(
         cfg.controllers.as_ref(),
         authn.kube.as_ref(),
+        authn.clusters.as_ref().map(|c| c.registry.subscribe()),
         trust.tx.subscribe(),
         signer.signer.clone(),
         &metrics,
     );
+    let clusters = authn.clusters;
     let ca = CaService::new(CaServiceOptions {
         authn: authn.authenticator,
         signer: signer.signer.clone(),
         trust: trust.tx.subscribe(),
-        durations: Durations {
-            default: cfg.default_ttl,
-            min: cfg.min_ttl,
-            max: cfg.max_ttl,
-            max_backdate: cfg.max_backdate,
-        },
-        cluster_id: cfg.cluster_id.clone(),
+        durations: durations(&cfg),
         trust_domain: cfg.trust_domain.clone(),
         impersonation: authn.impersonation,
         metrics: metrics.clone(),
@@ -134,6 +131,9 @@ pub async fn start_server(
     });
     let readiness = Readiness::default();
     if let Some(c) = &controllers {
+        c.report_to(&readiness);
+    }
+    if let Some(c) = &clusters {
         c.report_to(&readiness);
     }
     let shutdown = shutdown_channel(shutdown);
@@ -144,6 +144,9 @@ pub async fn start_server(
     let mut background = JoinSet::new();
     trust.spawn(&mut background, metrics.clone(), &shutdown);
     if let Some(c) = controllers {
+        c.spawn(&mut background, &shutdown);
+    }
+    if let Some(c) = clusters {
         c.spawn(&mut background, &shutdown);
     }
     if let Some(r) = tls.renewal {
@@ -173,6 +176,16 @@ pub async fn start_server(
         root_pem,
         task,
     })
+}
+
+/// The lifetime policy of `cfg`.
+fn durations(cfg: &ServerConfig) -> Durations {
+    Durations {
+        default: cfg.default_ttl,
+        min: cfg.min_ttl,
+        max: cfg.max_ttl,
+        max_backdate: cfg.max_backdate,
+    }
 }
 
 /// A `watch` that turns true when `shutdown` completes.

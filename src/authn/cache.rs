@@ -71,9 +71,16 @@ impl TokenCache {
         }
     }
 
-    /// The key `token` is cached under.
-    pub fn key(token: &str) -> TokenKey {
-        Sha256::digest(token.as_bytes()).into()
+    /// The key `token` is cached under when it was reviewed in `cluster`, registered as
+    /// `generation` ([`crate::cluster::Cluster::generation`]): the same token string from two
+    /// clusters, or from two registrations of one, never shares an entry.
+    pub fn key(cluster: &str, generation: u64, token: &str) -> TokenKey {
+        let mut h = Sha256::new();
+        h.update((cluster.len() as u64).to_be_bytes());
+        h.update(cluster.as_bytes());
+        h.update(generation.to_be_bytes());
+        h.update(token.as_bytes());
+        h.finalize().into()
     }
 
     /// A cached result for `key`, if one is still fresh at `now`. A hit counts as a use.
@@ -137,12 +144,14 @@ impl TokenCache {
     }
 
     /// Number of entries (fresh or not).
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         let entries = self.entries.lock().unwrap_or_else(|e| e.into_inner());
         entries.positive.len() + entries.negative.len()
     }
 
     /// Whether the cache is empty.
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -170,13 +179,24 @@ mod tests {
     fn caller() -> Result<Caller, AuthnError> {
         Ok(Caller {
             identity: SpiffeId::for_service_account("td", "a", "b").unwrap(),
+            cluster: "c".into(),
             username: "system:serviceaccount:a:b".into(),
             pod: None,
         })
     }
 
     fn key(n: u32) -> TokenKey {
-        TokenCache::key(&format!("token-{n}"))
+        TokenCache::key("c", 0, &format!("token-{n}"))
+    }
+
+    #[test]
+    fn the_same_token_from_two_clusters_or_registrations_has_two_keys() {
+        let k = TokenCache::key("a", 1, "t");
+        assert_eq!(k, TokenCache::key("a", 1, "t"));
+        assert_ne!(k, TokenCache::key("b", 1, "t"));
+        assert_ne!(k, TokenCache::key("a", 2, "t"));
+        // The cluster ID's length is part of the key: ("ab", "c") is not ("a", "bc").
+        assert_ne!(TokenCache::key("a", 1, "bt"), TokenCache::key("ab", 1, "t"));
     }
 
     #[test]

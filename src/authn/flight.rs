@@ -9,6 +9,11 @@
 //! completes: the key is forgotten here as soon as the call completes. And it should look there
 //! first itself: a caller that missed the cache just before another call completed may start a
 //! new call just after it.
+//!
+//! Standard parts: the sharing is `futures::future::Shared`; what is ours is only the map from
+//! key to call and forgetting the key when the call completes or its last waiter leaves (about
+//! 40 lines). A crate for this would add a dependency to save those lines and would not know
+//! when our waiters leave.
 
 use std::collections::HashMap;
 use std::hash::Hash;
@@ -18,7 +23,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use futures::FutureExt;
 use futures::future::Shared;
 
-use crate::signer::BoxFuture;
+use futures::future::BoxFuture;
 
 type Call<V> = Shared<BoxFuture<'static, V>>;
 
@@ -55,6 +60,7 @@ impl<K, V> SingleFlight<K, V> {
     }
 
     /// Whether no call is in flight.
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

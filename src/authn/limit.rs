@@ -44,6 +44,7 @@ pub struct ApiLimiter {
     /// Admission: running plus queued calls.
     admitted: Arc<Semaphore>,
     running: Arc<Semaphore>,
+    #[cfg(test)]
     concurrency: usize,
     queue_timeout: Duration,
     refused: Counter,
@@ -56,6 +57,7 @@ impl ApiLimiter {
         Self {
             admitted: Arc::new(Semaphore::new(concurrency + limits.queue)),
             running: Arc::new(Semaphore::new(concurrency)),
+            #[cfg(test)]
             concurrency,
             queue_timeout: limits.queue_timeout,
             refused,
@@ -83,6 +85,7 @@ impl ApiLimiter {
     }
 
     /// Calls running now.
+    #[cfg(test)]
     pub fn running(&self) -> usize {
         self.concurrency - self.running.available_permits()
     }

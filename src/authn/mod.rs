@@ -17,16 +17,14 @@ mod tokenreview;
 use std::collections::BTreeMap;
 
 use crate::identity::SpiffeId;
-use crate::signer::BoxFuture;
+use futures::future::BoxFuture;
 
-pub use cache::{CacheTtls, TokenCache};
-pub use flight::SingleFlight;
-pub use limit::{ApiLimiter, ApiLimits};
-pub use precheck::{CLOCK_SKEW, MAX_TOKEN_BYTES, Precheck, PrecheckError, TokenClaims};
-pub use static_tokens::StaticTokenAuthenticator;
-pub use tokenreview::{
-    KubeTokenReviewer, ReviewResult, TokenReviewAuthenticator, TokenReviewOptions, TokenReviewer,
-};
+pub(crate) use cache::{CacheTtls, TokenCache};
+pub(crate) use flight::SingleFlight;
+pub(crate) use limit::{ApiLimiter, ApiLimits};
+pub use precheck::{MAX_TOKEN_BYTES, Precheck, PrecheckError, TokenClaims};
+pub(crate) use static_tokens::StaticTokenAuthenticator;
+pub(crate) use tokenreview::{ClusterReviewers, TokenReviewAuthenticator, TokenReviewOptions};
 
 /// Extra key the apiserver sets on pod-bound tokens: the pod's name.
 pub const EXTRA_POD_NAME: &str = "authentication.kubernetes.io/pod-name";
@@ -47,6 +45,8 @@ pub struct PodRef {
 pub struct Caller {
     /// The caller's own identity.
     pub identity: SpiffeId,
+    /// The ID of the cluster whose apiserver authenticated the token.
+    pub cluster: String,
     /// The Kubernetes username, `system:serviceaccount:<ns>:<sa>`.
     pub username: String,
     /// The pod the token was bound to, if any.
@@ -54,12 +54,13 @@ pub struct Caller {
 }
 
 impl Caller {
-    /// Builds a caller from a TokenReview username and extras.
+    /// Builds a caller from a TokenReview made in `cluster`: its username and extras.
     ///
     /// Errors: [`AuthnError::NotServiceAccount`] when the username is not a service account,
     /// [`AuthnError::InvalidIdentity`] when its names cannot form a SPIFFE ID.
     pub fn from_username(
         trust_domain: &str,
+        cluster: &str,
         username: &str,
         groups: &[String],
         extra: &BTreeMap<String, Vec<String>>,
@@ -80,6 +81,7 @@ impl Caller {
         };
         Ok(Self {
             identity,
+            cluster: cluster.to_owned(),
             username: username.to_owned(),
             pod,
         })
@@ -93,6 +95,9 @@ pub enum AuthnError {
     /// No `authorization: Bearer` header.
     #[error("missing bearer token")]
     MissingToken,
+    /// The `clusterid` header names no cluster this server serves.
+    #[error("clusterid names no cluster this server serves")]
+    UnknownCluster,
     /// The token was refused before review: it cannot be a valid token for this server.
     #[error(transparent)]
     Precheck(#[from] PrecheckError),
@@ -157,6 +162,7 @@ impl AuthnError {
     pub fn reason(&self) -> &'static str {
         match self {
             Self::MissingToken => "missing_token",
+            Self::UnknownCluster => "unknown_cluster",
             Self::Precheck(e) => e.reason(),
             Self::Rejected => "token_rejected",
             Self::AudienceNotConfirmed => "token_audience_not_confirmed",
@@ -170,8 +176,16 @@ impl AuthnError {
 
 /// Turns a bearer token into a [`Caller`].
 pub trait Authenticator: Send + Sync {
-    /// Authenticates `token`. Never logs it.
-    fn authenticate<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<Caller, AuthnError>>;
+    /// Authenticates `token` in the cluster `cluster` names (the caller's `clusterid` header;
+    /// `None` or empty: the local cluster). Never logs the token.
+    ///
+    /// Errors: [`AuthnError::UnknownCluster`] when the cluster is not served, before any check
+    /// of the token; otherwise as documented on each variant.
+    fn authenticate<'a>(
+        &'a self,
+        cluster: Option<&'a str>,
+        token: &'a str,
+    ) -> BoxFuture<'a, Result<Caller, AuthnError>>;
 }
 
 #[cfg(test)]
@@ -191,8 +205,8 @@ mod tests {
         let mut extra = BTreeMap::new();
         extra.insert(EXTRA_POD_NAME.to_owned(), vec!["p".to_owned()]);
         extra.insert(EXTRA_POD_UID.to_owned(), vec!["u".to_owned()]);
-        let c =
-            Caller::from_username("td", "system:serviceaccount:ns:sa", &groups(), &extra).unwrap();
+        let c = Caller::from_username("td", "c", "system:serviceaccount:ns:sa", &groups(), &extra)
+            .unwrap();
         assert_eq!(c.identity.to_string(), "spiffe://td/ns/ns/sa/sa");
         assert_eq!(
             c.pod,
@@ -208,12 +222,12 @@ mod tests {
         let none = BTreeMap::new();
         for user in ["admin", "system:node:n1", "system:serviceaccount:only-ns"] {
             assert_eq!(
-                Caller::from_username("td", user, &groups(), &none),
+                Caller::from_username("td", "c", user, &groups(), &none),
                 Err(AuthnError::NotServiceAccount)
             );
         }
         assert_eq!(
-            Caller::from_username("td", "system:serviceaccount:ns:sa", &[], &none),
+            Caller::from_username("td", "c", "system:serviceaccount:ns:sa", &[], &none),
             Err(AuthnError::NotServiceAccount)
         );
     }

@@ -5,14 +5,16 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use super::TokenCache;
+use sha2::{Digest, Sha256};
+
 use super::{Authenticator, AuthnError, Caller};
 use crate::identity::SpiffeId;
-use crate::signer::BoxFuture;
+use futures::future::BoxFuture;
 
 /// Maps SHA-256 digests of static tokens to callers.
 pub struct StaticTokenAuthenticator {
     callers: HashMap<[u8; 32], Caller>,
+    cluster_id: String,
 }
 
 impl std::fmt::Debug for StaticTokenAuthenticator {
@@ -76,22 +78,47 @@ impl StaticTokenAuthenticator {
                 SpiffeId::for_service_account(trust_domain, ns, sa).map_err(|_| bad())?;
             let caller = Caller {
                 identity,
+                cluster: DEFAULT_CLUSTER_ID.to_owned(),
                 username: format!("system:serviceaccount:{ns}:{sa}"),
                 pod: None,
             };
-            callers.insert(TokenCache::key(token), caller);
+            callers.insert(Sha256::digest(token.as_bytes()).into(), caller);
         }
-        Ok(Self { callers })
+        Ok(Self {
+            callers,
+            cluster_id: DEFAULT_CLUSTER_ID.to_owned(),
+        })
+    }
+
+    /// Names the one cluster these tokens are from (`--cluster-id`; `Kubernetes` by default):
+    /// callers must send it in `clusterid`, or nothing.
+    pub fn for_cluster(mut self, cluster_id: &str) -> Self {
+        self.cluster_id = cluster_id.to_owned();
+        for caller in self.callers.values_mut() {
+            caller.cluster = cluster_id.to_owned();
+        }
+        self
     }
 }
 
+/// `--cluster-id`'s default.
+const DEFAULT_CLUSTER_ID: &str = "Kubernetes";
+
 impl Authenticator for StaticTokenAuthenticator {
-    fn authenticate<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<Caller, AuthnError>> {
-        let result = self
-            .callers
-            .get(&TokenCache::key(token))
-            .cloned()
-            .ok_or(AuthnError::Rejected);
+    fn authenticate<'a>(
+        &'a self,
+        cluster: Option<&'a str>,
+        token: &'a str,
+    ) -> BoxFuture<'a, Result<Caller, AuthnError>> {
+        let result = match cluster {
+            None | Some("") => Ok(()),
+            Some(id) if id == self.cluster_id => Ok(()),
+            Some(_) => Err(AuthnError::UnknownCluster),
+        }
+        .and_then(|()| {
+            let key: [u8; 32] = Sha256::digest(token.as_bytes()).into();
+            self.callers.get(&key).cloned().ok_or(AuthnError::Rejected)
+        });
         Box::pin(async move { result })
     }
 }
@@ -104,9 +131,26 @@ mod tests {
     async fn a_listed_token_authenticates_as_its_service_account_and_others_do_not() {
         let a =
             StaticTokenAuthenticator::parse("# comment\n\nsecret1,default,web\n", "td").unwrap();
-        let c = a.authenticate("secret1").await.unwrap();
+        let c = a.authenticate(None, "secret1").await.unwrap();
         assert_eq!(c.identity.to_string(), "spiffe://td/ns/default/sa/web");
-        assert_eq!(a.authenticate("secret2").await, Err(AuthnError::Rejected));
+        assert_eq!(
+            a.authenticate(None, "secret2").await,
+            Err(AuthnError::Rejected)
+        );
+    }
+
+    #[tokio::test]
+    async fn static_tokens_are_from_the_local_cluster_only() {
+        let a = StaticTokenAuthenticator::parse("secret1,default,web\n", "td")
+            .unwrap()
+            .for_cluster("c1");
+        for ok in [None, Some(""), Some("c1")] {
+            assert_eq!(a.authenticate(ok, "secret1").await.unwrap().cluster, "c1");
+        }
+        assert_eq!(
+            a.authenticate(Some("c2"), "secret1").await,
+            Err(AuthnError::UnknownCluster)
+        );
     }
 
     #[test]

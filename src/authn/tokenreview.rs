@@ -12,8 +12,9 @@ use super::cache::TokenKey;
 use super::{
     ApiLimiter, Authenticator, AuthnError, BackendError, Caller, Precheck, SingleFlight, TokenCache,
 };
-use crate::signer::BoxFuture;
+use crate::cluster::{ClusterRegistry, UnknownCluster};
 use crate::telemetry::{ResultLabels, ServerMetrics};
+use futures::future::BoxFuture;
 
 /// What a TokenReview said about a token.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -90,6 +91,84 @@ impl TokenReviewer for KubeTokenReviewer {
     }
 }
 
+/// The reviewer of one cluster, as [`Reviewers::for_cluster`] found it.
+#[derive(Clone)]
+pub struct ClusterReviewer {
+    /// The cluster's ID.
+    pub cluster: String,
+    /// Its registration ([`crate::cluster::Cluster::generation`]), part of the cache key.
+    pub generation: u64,
+    /// Reviews tokens in that cluster.
+    pub reviewer: Arc<dyn TokenReviewer>,
+}
+
+/// The [`TokenReviewer`] of each cluster served.
+pub trait Reviewers: Send + Sync {
+    /// The reviewer of the cluster `cluster_id` names (`None` or empty: the local cluster).
+    /// Errors: [`UnknownCluster`] when no such cluster is served.
+    fn for_cluster(&self, cluster_id: Option<&str>) -> Result<ClusterReviewer, UnknownCluster>;
+}
+
+/// One cluster, reviewed by one reviewer (the unit tests' scripted reviewer).
+#[cfg(test)]
+pub struct SingleCluster {
+    reviewer: ClusterReviewer,
+}
+
+#[cfg(test)]
+impl SingleCluster {
+    /// Cluster `cluster_id`, reviewed by `reviewer`.
+    pub fn new(cluster_id: &str, reviewer: Arc<dyn TokenReviewer>) -> Self {
+        Self {
+            reviewer: ClusterReviewer {
+                cluster: cluster_id.to_owned(),
+                generation: 0,
+                reviewer,
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+impl Reviewers for SingleCluster {
+    fn for_cluster(&self, cluster_id: Option<&str>) -> Result<ClusterReviewer, UnknownCluster> {
+        match cluster_id {
+            None | Some("") => Ok(self.reviewer.clone()),
+            Some(id) if id == self.reviewer.cluster => Ok(self.reviewer.clone()),
+            Some(_) => Err(UnknownCluster),
+        }
+    }
+}
+
+/// Every cluster of a [`ClusterRegistry`], each reviewed through its own apiserver.
+pub struct ClusterReviewers {
+    registry: Arc<ClusterRegistry>,
+    timeout: Duration,
+}
+
+impl ClusterReviewers {
+    /// Reviews in the clusters `registry` serves at the time of each call; each review gives up
+    /// after `timeout`.
+    pub fn new(registry: Arc<ClusterRegistry>, timeout: Duration) -> Self {
+        Self { registry, timeout }
+    }
+}
+
+impl Reviewers for ClusterReviewers {
+    fn for_cluster(&self, cluster_id: Option<&str>) -> Result<ClusterReviewer, UnknownCluster> {
+        let set = self.registry.current();
+        let cluster = set.resolve(cluster_id)?;
+        Ok(ClusterReviewer {
+            cluster: cluster.id().to_owned(),
+            generation: cluster.generation(),
+            reviewer: Arc::new(KubeTokenReviewer::new(
+                cluster.client().clone(),
+                self.timeout,
+            )),
+        })
+    }
+}
+
 /// What a [`TokenReviewAuthenticator`] accepts and how it protects the apiserver.
 #[derive(Debug)]
 pub struct TokenReviewOptions {
@@ -106,7 +185,7 @@ pub struct TokenReviewOptions {
 }
 
 struct Inner {
-    reviewer: Arc<dyn TokenReviewer>,
+    reviewers: Arc<dyn Reviewers>,
     audiences: Vec<String>,
     trust_domain: String,
     precheck: Precheck,
@@ -128,15 +207,15 @@ pub struct TokenReviewAuthenticator {
 }
 
 impl TokenReviewAuthenticator {
-    /// Reviews tokens through `reviewer` with `options`.
+    /// Reviews tokens in the cluster each caller names, through `reviewers`, with `options`.
     pub fn new(
-        reviewer: Arc<dyn TokenReviewer>,
+        reviewers: Arc<dyn Reviewers>,
         options: TokenReviewOptions,
         metrics: ServerMetrics,
     ) -> Self {
         Self {
             inner: Arc::new(Inner {
-                reviewer,
+                reviewers,
                 precheck: Precheck::new(options.audiences.clone(), options.issuers),
                 audiences: options.audiences,
                 trust_domain: options.trust_domain,
@@ -150,10 +229,10 @@ impl TokenReviewAuthenticator {
 }
 
 impl Inner {
-    async fn review(&self, token: &str) -> Result<Caller, AuthnError> {
+    async fn review(&self, target: &ClusterReviewer, token: &str) -> Result<Caller, AuthnError> {
         let result = self
             .limiter
-            .run(self.reviewer.review(token, &self.audiences))
+            .run(target.reviewer.review(token, &self.audiences))
             .await;
         let count = |result: &'static str| {
             self.metrics
@@ -164,12 +243,12 @@ impl Inner {
         match result {
             // Refused by the limiter: no review was made.
             Err(e @ BackendError::Overloaded) => {
-                tracing::warn!(error = %e, "TokenReview not attempted; failing closed");
+                tracing::warn!(error = %e, cluster = %target.cluster, "TokenReview not attempted; failing closed");
                 Err(AuthnError::Unavailable(e))
             }
             Err(e) => {
                 count("error");
-                tracing::warn!(error = %e, "TokenReview unavailable; failing closed");
+                tracing::warn!(error = %e, cluster = %target.cluster, "TokenReview unavailable; failing closed");
                 Err(AuthnError::Unavailable(e))
             }
             Ok(r) if !r.authenticated => {
@@ -189,20 +268,34 @@ impl Inner {
                     );
                     return Err(AuthnError::AudienceNotConfirmed);
                 }
-                Caller::from_username(&self.trust_domain, &r.username, &r.groups, &r.extra)
+                Caller::from_username(
+                    &self.trust_domain,
+                    &target.cluster,
+                    &r.username,
+                    &r.groups,
+                    &r.extra,
+                )
             }
         }
     }
 }
 
 impl Authenticator for TokenReviewAuthenticator {
-    fn authenticate<'a>(&'a self, token: &'a str) -> BoxFuture<'a, Result<Caller, AuthnError>> {
+    fn authenticate<'a>(
+        &'a self,
+        cluster: Option<&'a str>,
+        token: &'a str,
+    ) -> BoxFuture<'a, Result<Caller, AuthnError>> {
         Box::pin(async move {
+            let inner = &self.inner;
+            let target = inner
+                .reviewers
+                .for_cluster(cluster)
+                .map_err(|_| AuthnError::UnknownCluster)?;
             if token.is_empty() {
                 return Err(AuthnError::MissingToken);
             }
-            let inner = &self.inner;
-            let key = TokenCache::key(token);
+            let key = TokenCache::key(&target.cluster, target.generation, token);
             // Entries were pre-checked when they were made, and never outlive the token's `exp`.
             if let Some(hit) = inner.cache.get(&key, Instant::now()) {
                 let result = if hit.is_ok() {
@@ -227,6 +320,7 @@ impl Authenticator for TokenReviewAuthenticator {
                 .run(key, || {
                     let inner = self.inner.clone();
                     let token = token.to_owned();
+                    let target = target.clone();
                     Box::pin(async move {
                         let now = Instant::now();
                         // A review that completed after this request missed the cache has
@@ -234,7 +328,7 @@ impl Authenticator for TokenReviewAuthenticator {
                         if let Some(hit) = inner.cache.get(&key, now) {
                             return hit;
                         }
-                        let result = inner.review(&token).await;
+                        let result = inner.review(&target, &token).await;
                         inner
                             .cache
                             .put(key, &result, &claims, now, SystemTime::now());
@@ -332,7 +426,7 @@ mod tests {
             gate,
         });
         let a = TokenReviewAuthenticator::new(
-            s.clone(),
+            Arc::new(SingleCluster::new("local", s.clone())),
             TokenReviewOptions {
                 audiences: vec!["istio-ca".into()],
                 issuers: vec![],
@@ -361,8 +455,8 @@ mod tests {
     #[tokio::test]
     async fn a_second_call_with_the_same_token_is_served_from_the_cache() {
         let (s, a) = authn(vec![Ok(ok_review())]);
-        assert!(a.authenticate(&jwt(1)).await.is_ok());
-        assert!(a.authenticate(&jwt(1)).await.is_ok());
+        assert!(a.authenticate(None, &jwt(1)).await.is_ok());
+        assert!(a.authenticate(None, &jwt(1)).await.is_ok());
         assert_eq!(
             s.audiences.lock().unwrap().as_slice(),
             &[vec!["istio-ca".to_owned()]]
@@ -376,10 +470,10 @@ mod tests {
             Ok(ok_review()),
         ]);
         assert!(matches!(
-            a.authenticate(&jwt(1)).await,
+            a.authenticate(None, &jwt(1)).await,
             Err(AuthnError::Unavailable(BackendError::Transport(_)))
         ));
-        assert!(a.authenticate(&jwt(1)).await.is_ok());
+        assert!(a.authenticate(None, &jwt(1)).await.is_ok());
         assert_eq!(s.calls.load(Ordering::SeqCst), 2);
     }
 
@@ -389,8 +483,14 @@ mod tests {
             error: Some("bad audience".into()),
             ..Default::default()
         })]);
-        assert_eq!(a.authenticate(&jwt(1)).await, Err(AuthnError::Rejected));
-        assert_eq!(a.authenticate("").await, Err(AuthnError::MissingToken));
+        assert_eq!(
+            a.authenticate(None, &jwt(1)).await,
+            Err(AuthnError::Rejected)
+        );
+        assert_eq!(
+            a.authenticate(None, "").await,
+            Err(AuthnError::MissingToken)
+        );
     }
 
     #[tokio::test]
@@ -401,10 +501,30 @@ mod tests {
                 ..ok_review()
             })]);
             assert_eq!(
-                a.authenticate(&jwt(1)).await,
+                a.authenticate(None, &jwt(1)).await,
                 Err(AuthnError::AudienceNotConfirmed)
             );
         }
+    }
+
+    #[tokio::test]
+    async fn an_unknown_cluster_is_refused_before_any_review_and_the_local_one_by_its_id() {
+        let (s, a) = authn(vec![Ok(ok_review())]);
+        assert_eq!(
+            a.authenticate(Some("elsewhere"), &jwt(1)).await,
+            Err(AuthnError::UnknownCluster)
+        );
+        assert_eq!(s.calls.load(Ordering::SeqCst), 0);
+        assert_eq!(
+            a.authenticate(Some("local"), &jwt(1))
+                .await
+                .unwrap()
+                .cluster,
+            "local"
+        );
+        // The same token with no header is the local cluster's: served from the cache.
+        assert!(a.authenticate(None, &jwt(1)).await.is_ok());
+        assert_eq!(s.calls.load(Ordering::SeqCst), 1);
     }
 
     #[tokio::test]
@@ -412,12 +532,15 @@ mod tests {
         let (s, a) = authn(vec![Ok(ok_review())]);
         for junk in ["x", "a.b.c", "Bearer", &"A".repeat(20_000)] {
             assert!(
-                matches!(a.authenticate(junk).await, Err(AuthnError::Precheck(_))),
+                matches!(
+                    a.authenticate(None, junk).await,
+                    Err(AuthnError::Precheck(_))
+                ),
                 "{junk:.20}"
             );
         }
         assert_eq!(
-            a.authenticate(&jwt(1).replace("c2ln", "")).await,
+            a.authenticate(None, &jwt(1).replace("c2ln", "")).await,
             Err(AuthnError::Precheck(PrecheckError::Malformed))
         );
         assert_eq!(s.calls.load(Ordering::SeqCst), 0);
@@ -436,7 +559,7 @@ mod tests {
         let mut requests = tokio::task::JoinSet::new();
         for _ in 0..500 {
             let (a, token) = (a.clone(), token.clone());
-            requests.spawn(async move { a.authenticate(&token).await });
+            requests.spawn(async move { a.authenticate(None, &token).await });
         }
         // Every request has either joined the review in flight or not started yet.
         while s.calls.load(Ordering::SeqCst) == 0 {
@@ -464,7 +587,7 @@ mod tests {
         let mut first_two = tokio::task::JoinSet::new();
         for n in 0..2 {
             let a = a.clone();
-            first_two.spawn(async move { a.authenticate(&jwt(n)).await });
+            first_two.spawn(async move { a.authenticate(None, &jwt(n)).await });
         }
         while s.calls.load(Ordering::SeqCst) == 0 {
             tokio::task::yield_now().await;
@@ -473,7 +596,7 @@ mod tests {
             tokio::task::yield_now().await;
         }
         assert_eq!(
-            a.authenticate(&jwt(3)).await,
+            a.authenticate(None, &jwt(3)).await,
             Err(AuthnError::Unavailable(BackendError::Overloaded))
         );
         // The running and the queued review complete.

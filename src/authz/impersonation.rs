@@ -3,7 +3,7 @@
 use super::AuthzError;
 use crate::authn::Caller;
 use crate::identity::SpiffeId;
-use crate::signer::BoxFuture;
+use futures::future::BoxFuture;
 
 /// Decides whether an authenticated caller (ztunnel) may obtain a certificate for `target`.
 /// The CreateCertificate handler consumes it; [`NodeAuthorizer`](super::NodeAuthorizer) (the

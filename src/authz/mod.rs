@@ -13,4 +13,4 @@ mod node;
 
 pub use error::{AuthzError, Denial};
 pub use impersonation::ImpersonationAuthorizer;
-pub use node::{NodeAuthorizer, PodLookup, parse_trusted_accounts};
+pub use node::{NodeAuthorizer, parse_trusted_accounts};

@@ -20,8 +20,9 @@ use prometheus_client::metrics::counter::Counter;
 
 use super::{AuthzError, Denial, ImpersonationAuthorizer};
 use crate::authn::{ApiLimiter, BackendError, Caller, PodRef, SingleFlight};
+use crate::cluster::ClusterRegistry;
 use crate::identity::SpiffeId;
-use crate::signer::BoxFuture;
+use futures::future::BoxFuture;
 
 /// How long positive lookups are cached.
 const POSITIVE_TTL: Duration = Duration::from_secs(5);
@@ -33,47 +34,88 @@ pub trait PodLookup: Send + Sync {
     /// `GET /api/v1/namespaces/{ns}/pods/{name}`; `Ok(None)` when absent.
     fn get_pod<'a>(
         &'a self,
+        cluster: &'a str,
         ns: &'a str,
         name: &'a str,
     ) -> BoxFuture<'a, Result<Option<Pod>, BackendError>>;
     /// `LIST /api/v1/namespaces/{ns}/pods?fieldSelector=spec.nodeName={node}`.
     fn pods_on_node<'a>(
         &'a self,
+        cluster: &'a str,
         ns: &'a str,
         node: &'a str,
     ) -> BoxFuture<'a, Result<Vec<Pod>, BackendError>>;
 }
 
+async fn get_pod(client: kube::Client, ns: &str, name: &str) -> Result<Option<Pod>, BackendError> {
+    Ok(Api::<Pod>::namespaced(client, ns).get_opt(name).await?)
+}
+
+async fn pods_on_node(
+    client: kube::Client,
+    ns: &str,
+    node: &str,
+) -> Result<Vec<Pod>, BackendError> {
+    let lp = ListParams::default().fields(&format!("spec.nodeName={node}"));
+    Ok(Api::<Pod>::namespaced(client, ns).list(&lp).await?.items)
+}
+
+/// One cluster's pods, whatever cluster the caller names.
 impl PodLookup for kube::Client {
     fn get_pod<'a>(
         &'a self,
+        _cluster: &'a str,
         ns: &'a str,
         name: &'a str,
     ) -> BoxFuture<'a, Result<Option<Pod>, BackendError>> {
-        Box::pin(async move {
-            Ok(Api::<Pod>::namespaced(self.clone(), ns)
-                .get_opt(name)
-                .await?)
-        })
+        Box::pin(get_pod(self.clone(), ns, name))
     }
 
     fn pods_on_node<'a>(
         &'a self,
+        _cluster: &'a str,
         ns: &'a str,
         node: &'a str,
     ) -> BoxFuture<'a, Result<Vec<Pod>, BackendError>> {
-        Box::pin(async move {
-            let lp = ListParams::default().fields(&format!("spec.nodeName={node}"));
-            Ok(Api::<Pod>::namespaced(self.clone(), ns)
-                .list(&lp)
-                .await?
-                .items)
-        })
+        Box::pin(pods_on_node(self.clone(), ns, node))
     }
 }
 
-/// (node, namespace, service account) of an impersonation target.
-type Placement = (String, String, String);
+/// The client of a cluster the registry serves; one no longer served is unavailable (its
+/// caller was authenticated there a moment ago).
+fn cluster_client(registry: &ClusterRegistry, cluster: &str) -> Result<kube::Client, BackendError> {
+    registry
+        .current()
+        .resolve(Some(cluster))
+        .map(|c| c.client().clone())
+        .map_err(|_| BackendError::Transport(format!("cluster {cluster:?} is no longer served")))
+}
+
+/// The pods of the caller's cluster, among those the registry serves.
+impl PodLookup for Arc<ClusterRegistry> {
+    fn get_pod<'a>(
+        &'a self,
+        cluster: &'a str,
+        ns: &'a str,
+        name: &'a str,
+    ) -> BoxFuture<'a, Result<Option<Pod>, BackendError>> {
+        Box::pin(async move { get_pod(cluster_client(self, cluster)?, ns, name).await })
+    }
+
+    fn pods_on_node<'a>(
+        &'a self,
+        cluster: &'a str,
+        ns: &'a str,
+        node: &'a str,
+    ) -> BoxFuture<'a, Result<Vec<Pod>, BackendError>> {
+        Box::pin(async move { pods_on_node(cluster_client(self, cluster)?, ns, node).await })
+    }
+}
+
+/// (cluster, node, namespace, service account) of an impersonation target.
+type Placement = (String, String, String, String);
+/// (cluster, pod UID) of a caller.
+type CallerPod = (String, String);
 
 type NodeResult = Result<String, AuthzError>;
 type PlacementResult = Result<bool, BackendError>;
@@ -82,7 +124,7 @@ struct Inner<L> {
     lookup: L,
     limiter: ApiLimiter,
     /// caller pod UID → (expiry, node name)
-    caller_nodes: Mutex<HashMap<String, (Instant, String)>>,
+    caller_nodes: Mutex<HashMap<CallerPod, (Instant, String)>>,
     /// (node, ns, sa) → (expiry, allowed)
     placements: Mutex<HashMap<Placement, (Instant, bool)>>,
     api_calls: Counter,
@@ -92,7 +134,7 @@ struct Inner<L> {
 pub struct NodeAuthorizer<L> {
     inner: Arc<Inner<L>>,
     trusted: Vec<(String, String)>,
-    caller_lookups: SingleFlight<(String, String), NodeResult>,
+    caller_lookups: SingleFlight<(CallerPod, String), NodeResult>,
     placement_lookups: SingleFlight<Placement, PlacementResult>,
 }
 
@@ -147,12 +189,13 @@ impl<L: PodLookup + 'static> NodeAuthorizer<L> {
     async fn caller_node(&self, caller: &Caller) -> NodeResult {
         let pod_ref = caller.pod.as_ref().ok_or(Denial::NotPodBound)?;
         let now = Instant::now();
+        let pod_key = (caller.cluster.clone(), pod_ref.uid.clone());
         if let Some((exp, node)) = self
             .inner
             .caller_nodes
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .get(&pod_ref.uid)
+            .get(&pod_key)
             && *exp > now
         {
             return Ok(node.clone());
@@ -160,17 +203,23 @@ impl<L: PodLookup + 'static> NodeAuthorizer<L> {
         let ns = caller.identity.namespace().to_owned();
         let sa = caller.identity.service_account().to_owned();
         let pod_ref = pod_ref.clone();
-        let key = (pod_ref.uid.clone(), pod_ref.name.clone());
+        let key = (pod_key.clone(), pod_ref.name.clone());
         self.caller_lookups
             .run(key, || {
                 let inner = self.inner.clone();
-                Box::pin(async move { inner.fetch_caller_node(&ns, &sa, &pod_ref).await })
+                Box::pin(async move { inner.fetch_caller_node(pod_key, &ns, &sa, &pod_ref).await })
             })
             .await
     }
 
-    async fn identity_on_node(&self, node: &str, target: &SpiffeId) -> PlacementResult {
+    async fn identity_on_node(
+        &self,
+        cluster: &str,
+        node: &str,
+        target: &SpiffeId,
+    ) -> PlacementResult {
         let key = (
+            cluster.to_owned(),
             node.to_owned(),
             target.namespace().to_owned(),
             target.service_account().to_owned(),
@@ -195,14 +244,20 @@ impl<L: PodLookup + 'static> NodeAuthorizer<L> {
 }
 
 impl<L: PodLookup> Inner<L> {
-    async fn fetch_caller_node(&self, ns: &str, sa: &str, pod_ref: &PodRef) -> NodeResult {
+    async fn fetch_caller_node(
+        &self,
+        pod_key: CallerPod,
+        ns: &str,
+        sa: &str,
+        pod_ref: &PodRef,
+    ) -> NodeResult {
         let now = Instant::now();
         // A lookup that completed after the caller missed the cache has left its result there.
         if let Some((exp, node)) = self
             .caller_nodes
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .get(&pod_ref.uid)
+            .get(&pod_key)
             && *exp > now
         {
             return Ok(node.clone());
@@ -210,7 +265,7 @@ impl<L: PodLookup> Inner<L> {
         self.api_calls.inc();
         let pod = self
             .limiter
-            .run(self.lookup.get_pod(ns, &pod_ref.name))
+            .run(self.lookup.get_pod(&pod_key.0, ns, &pod_ref.name))
             .await?
             .ok_or(Denial::PodNotFound)?;
         if pod.metadata.uid.as_deref() != Some(pod_ref.uid.as_str()) {
@@ -227,7 +282,7 @@ impl<L: PodLookup> Inner<L> {
             .ok_or(Denial::NotScheduled)?;
         let mut cache = self.caller_nodes.lock().unwrap_or_else(|e| e.into_inner());
         cache.retain(|_, (exp, _)| *exp > now);
-        cache.insert(pod_ref.uid.clone(), (now + POSITIVE_TTL, node.clone()));
+        cache.insert(pod_key, (now + POSITIVE_TTL, node.clone()));
         Ok(node)
     }
 
@@ -242,9 +297,12 @@ impl<L: PodLookup> Inner<L> {
         {
             return Ok(*allowed);
         }
-        let (node, ns, sa) = &key;
+        let (cluster, node, ns, sa) = &key;
         self.api_calls.inc();
-        let pods = self.limiter.run(self.lookup.pods_on_node(ns, node)).await?;
+        let pods = self
+            .limiter
+            .run(self.lookup.pods_on_node(cluster, ns, node))
+            .await?;
         let allowed = pods
             .iter()
             .any(|p| !terminated(p) && service_account(p) == sa);
@@ -272,7 +330,10 @@ impl<L: PodLookup + 'static> ImpersonationAuthorizer for NodeAuthorizer<L> {
                 return Err(Denial::NotTrusted.into());
             }
             let node = self.caller_node(caller).await?;
-            if self.identity_on_node(&node, target).await? {
+            if self
+                .identity_on_node(&caller.cluster, &node, target)
+                .await?
+            {
                 Ok(())
             } else {
                 Err(Denial::NotOnNode {
@@ -341,9 +402,11 @@ mod tests {
     impl PodLookup for Pods {
         fn get_pod<'a>(
             &'a self,
+            cluster: &'a str,
             ns: &'a str,
             name: &'a str,
         ) -> BoxFuture<'a, Result<Option<Pod>, BackendError>> {
+            let ns = format!("{cluster}/{ns}");
             let gate = match self.read() {
                 Ok(g) => g,
                 Err(e) => return Box::pin(async move { Err(e) }),
@@ -351,7 +414,7 @@ mod tests {
             let p = self
                 .0
                 .iter()
-                .find(|(n, p)| n == ns && p.metadata.name.as_deref() == Some(name))
+                .find(|(n, p)| *n == ns && p.metadata.name.as_deref() == Some(name))
                 .map(|(_, p)| p.clone());
             Box::pin(async move {
                 wait(gate).await;
@@ -360,9 +423,11 @@ mod tests {
         }
         fn pods_on_node<'a>(
             &'a self,
+            cluster: &'a str,
             ns: &'a str,
             node: &'a str,
         ) -> BoxFuture<'a, Result<Vec<Pod>, BackendError>> {
+            let ns = format!("{cluster}/{ns}");
             let gate = match self.read() {
                 Ok(g) => g,
                 Err(e) => return Box::pin(async move { Err(e) }),
@@ -371,7 +436,7 @@ mod tests {
                 .0
                 .iter()
                 .filter(|(n, p)| {
-                    n == ns && p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node)
+                    *n == ns && p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node)
                 })
                 .map(|(_, p)| p.clone())
                 .collect();
@@ -385,6 +450,7 @@ mod tests {
     fn ztunnel(uid: &str) -> Caller {
         Caller {
             identity: SpiffeId::for_service_account("td", "istio-system", "ztunnel").unwrap(),
+            cluster: "c".into(),
             username: "system:serviceaccount:istio-system:ztunnel".into(),
             pod: Some(PodRef {
                 name: "ztunnel-a".into(),
@@ -400,19 +466,19 @@ mod tests {
     fn authorizer_with(down: bool, gate: Option<Arc<tokio::sync::Notify>>) -> NodeAuthorizer<Pods> {
         let pods = vec![
             (
-                "istio-system".to_owned(),
+                "c/istio-system".to_owned(),
                 pod("ztunnel-a", "uid-z", "ztunnel", "node-a", "Running"),
             ),
             (
-                "app".to_owned(),
+                "c/app".to_owned(),
                 pod("web-1", "u1", "web", "node-a", "Running"),
             ),
             (
-                "app".to_owned(),
+                "c/app".to_owned(),
                 pod("db-1", "u2", "db", "node-b", "Running"),
             ),
             (
-                "app".to_owned(),
+                "c/app".to_owned(),
                 pod("job-1", "u3", "job", "node-a", "Succeeded"),
             ),
         ];
@@ -458,6 +524,19 @@ mod tests {
         assert_eq!(
             a.authorize(&unbound, &id("web")).await,
             Err(Denial::NotPodBound.into())
+        );
+    }
+
+    #[tokio::test]
+    async fn pods_are_looked_up_in_the_caller_s_cluster_and_cached_per_cluster() {
+        let a = authorizer();
+        // Cluster "c" has the ztunnel and web pods; cluster "d" has none of them.
+        assert!(a.authorize(&ztunnel("uid-z"), &id("web")).await.is_ok());
+        let mut from_d = ztunnel("uid-z");
+        from_d.cluster = "d".into();
+        assert_eq!(
+            a.authorize(&from_d, &id("web")).await,
+            Err(Denial::PodNotFound.into())
         );
     }
 

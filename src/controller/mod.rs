@@ -1,15 +1,14 @@
 //! Kubernetes controllers, run only by the replica holding the leader Lease: root ConfigMap
 //! distribution and (optionally) istiod's serving certificate.
 
+mod every_cluster;
 mod istiod_cert;
 mod leader;
 mod root_configmap;
 mod signing_roots;
 
-pub use signing_roots::{
-    InUse, Record, SIGNING_ROOTS_SUFFIX, SigningRoots, SigningRootsError, SigningRootsSettings,
-    compose, configmap_key, roots_in_use,
-};
+pub(crate) use signing_roots::InUse;
+pub use signing_roots::{SigningRoots, SigningRootsError, SigningRootsSettings, compose};
 
 use std::sync::Arc;
 
@@ -17,15 +16,12 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use tokio::sync::watch;
 
-pub use istiod_cert::{IstiodCertError, IstiodCertSettings, renewal_due, run_istiod_cert};
-pub use leader::{
-    LeaseAction, LeaseObserver, LeaseSettings, LeaseState, LeaseStateLabels, decide, spawn_elector,
-};
-pub use root_configmap::{
-    Desired, ISTIO_CONFIG_LABEL, ROOT_CERT_KEY, ROOT_CONFIGMAP, RootConfigMapError, desired,
-    run_root_configmaps,
-};
+pub use every_cluster::run_root_configmaps_everywhere;
+pub use istiod_cert::{IstiodCertSettings, run_istiod_cert};
+pub use leader::{LeaseObserver, LeaseSettings, spawn_elector};
+pub use root_configmap::run_root_configmaps;
 
+use crate::cluster::ClusterSet;
 use crate::signer::Signer;
 use crate::telemetry::ResultLabels;
 use crate::trust::TrustBundle;
@@ -33,8 +29,10 @@ use crate::trust::TrustBundle;
 /// What the leader runs.
 #[derive(Clone)]
 pub struct Controllers {
-    /// Kubernetes client.
+    /// Kubernetes client of the local cluster.
     pub client: kube::Client,
+    /// Every cluster served, when there are remote ones: root distribution then runs in each.
+    pub clusters: Option<watch::Receiver<Arc<ClusterSet>>>,
     /// Current trust bundle.
     pub trust: watch::Receiver<Arc<TrustBundle>>,
     /// Signer, for the istiod certificate.
@@ -65,14 +63,26 @@ impl Controllers {
             tracing::info!("leading: starting controllers");
             let (stop_tx, stop_rx) = watch::channel(false);
             let mut tasks = tokio::task::JoinSet::new();
-            if self.root_configmaps {
-                tasks.spawn(run_root_configmaps(
-                    self.client.clone(),
-                    self.trust.clone(),
-                    self.namespace_selector.clone(),
-                    self.configmap_writes.clone(),
-                    stop_rx.clone(),
-                ));
+            match (&self.clusters, self.root_configmaps) {
+                (_, false) => {}
+                (None, true) => {
+                    tasks.spawn(run_root_configmaps(
+                        self.client.clone(),
+                        self.trust.clone(),
+                        self.namespace_selector.clone(),
+                        self.configmap_writes.clone(),
+                        stop_rx.clone(),
+                    ));
+                }
+                (Some(clusters), true) => {
+                    tasks.spawn(run_root_configmaps_everywhere(
+                        clusters.clone(),
+                        self.trust.clone(),
+                        self.namespace_selector.clone(),
+                        self.configmap_writes.clone(),
+                        stop_rx.clone(),
+                    ));
+                }
             }
             if let Some(s) = self.istiod.clone() {
                 tasks.spawn(run_istiod_cert(

@@ -555,7 +555,7 @@ mod tests {
         let mut der = p.serialize_request(&key).unwrap().der().to_vec();
         let last = der.len() - 1;
         der[last] ^= 0x01;
-        let pem = crate::pem::cert_to_pem(&der).replace("CERTIFICATE", "CERTIFICATE REQUEST");
+        let pem = crate::pem::encode("CERTIFICATE REQUEST", &der);
         assert_eq!(
             check_csr(&pem, &id()).unwrap_err(),
             CsrRejection::BadSignature

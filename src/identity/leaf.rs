@@ -13,6 +13,7 @@ use super::SpiffeId;
 /// Default clock-skew allowance: the most `not_before` is backdated (`--max-backdate`).
 pub const DEFAULT_MAX_BACKDATE: Duration = Duration::from_secs(60);
 /// Default shortest lifetime issued (`--min-ttl`): shorter requests are raised to it.
+#[cfg(feature = "server")]
 pub const DEFAULT_MIN_TTL: Duration = Duration::from_secs(600);
 /// The lowest `--min-ttl` the server accepts, and the shortest `--cert-ttl` the agent asks for.
 pub const MIN_TTL_FLOOR: Duration = Duration::from_secs(10);

@@ -5,8 +5,9 @@ mod leaf;
 mod spiffe;
 
 pub use csr::{CsrRejection, KeyKind, ValidatedCsr, check_csr};
-pub use leaf::{
-    BACKDATE_LIFETIME_DIVISOR, DEFAULT_MAX_BACKDATE, DEFAULT_MIN_TTL, LeafProfile, MIN_TTL_FLOOR,
-    backdate, is_rsa_key, key_usages, leaf_params, random_serial,
-};
-pub use spiffe::{IdentityError, SpiffeId, truncate_echo, uri_sans};
+pub use leaf::{BACKDATE_LIFETIME_DIVISOR, DEFAULT_MAX_BACKDATE, LeafProfile};
+#[cfg(feature = "server")]
+pub(crate) use leaf::{DEFAULT_MIN_TTL, is_rsa_key};
+pub(crate) use leaf::{MIN_TTL_FLOOR, leaf_params, random_serial};
+pub(crate) use spiffe::truncate_echo;
+pub use spiffe::{IdentityError, SpiffeId, uri_sans};

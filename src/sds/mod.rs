@@ -7,11 +7,10 @@ mod service;
 mod socket;
 mod stream;
 
-pub use resources::{
-    DEFAULT_RESOURCE, ROOT_RESOURCE, Resources, SECRET_TYPE_URL, resources, secret,
-};
-pub use service::{SdsError, SdsMetrics, SdsService, bind_socket};
-pub use socket::{CHECK_INTERVAL, SdsSocket, lock_path, serve};
+pub use resources::{Resources, SECRET_TYPE_URL, resources};
+pub use service::SdsError;
+pub(crate) use service::{SdsMetrics, SdsService};
+pub(crate) use socket::{SdsSocket, serve};
 pub use stream::{RequestKind, StreamState};
 
 /// Where Envoy expects the SDS socket by default (Istio's workload SDS path).

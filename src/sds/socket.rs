@@ -101,11 +101,6 @@ impl SdsSocket {
         })
     }
 
-    /// The socket path.
-    pub fn path(&self) -> &Path {
-        &self.path
-    }
-
     /// True while the file at the path is the socket this agent serves on.
     pub fn serving(&self) -> watch::Receiver<bool> {
         self.serving.subscribe()
@@ -118,6 +113,7 @@ impl SdsSocket {
     }
 
     /// Checks the socket file every `every` instead of [`CHECK_INTERVAL`].
+    #[cfg(test)]
     pub fn check_every(mut self, every: Duration) -> Self {
         self.check_every = every;
         self

@@ -22,6 +22,9 @@ use crate::signer::{IssuedChain, Provenance, SignRequest, Signer};
 use crate::telemetry::{OutcomeLabels, ServerMetrics};
 use crate::trust::{IssuerPathCache, TrustBundle, Usage, ValidationError};
 
+/// Metadata key istio-agent and ztunnel name their cluster with (Istio's `CLUSTER_ID`).
+pub const CLUSTER_ID_HEADER: &str = "clusterid";
+
 /// Metadata key ztunnel uses to ask for a certificate on behalf of a workload on its node.
 pub const IMPERSONATED_IDENTITY: &str = "ImpersonatedIdentity";
 
@@ -91,7 +94,6 @@ struct Inner {
     signer: Arc<dyn Signer>,
     trust: watch::Receiver<Arc<TrustBundle>>,
     durations: Durations,
-    cluster_id: String,
     trust_domain: String,
     impersonation: Option<Arc<dyn ImpersonationAuthorizer>>,
     metrics: ServerMetrics,
@@ -112,6 +114,7 @@ struct Issued {
     chain: Vec<String>,
     identity: SpiffeId,
     caller: String,
+    cluster: String,
     serial: String,
     not_after: OffsetDateTime,
     ttl: Duration,
@@ -129,8 +132,6 @@ pub struct CaServiceOptions {
     pub trust: watch::Receiver<Arc<TrustBundle>>,
     /// Lifetime policy.
     pub durations: Durations,
-    /// The `clusterid` callers must send (or leave empty).
-    pub cluster_id: String,
     /// SPIFFE trust domain of the identities issued.
     pub trust_domain: String,
     /// Decides `ImpersonatedIdentity` requests; `None` refuses every one.
@@ -149,7 +150,6 @@ impl CaService {
             signer,
             trust,
             durations,
-            cluster_id,
             trust_domain,
             impersonation,
             metrics,
@@ -168,7 +168,6 @@ impl CaService {
                 signer,
                 trust,
                 durations,
-                cluster_id,
                 trust_domain,
                 impersonation,
                 issued,
@@ -186,8 +185,8 @@ impl CaService {
     ) -> Result<Issued, Rejection> {
         let inner = &self.inner;
         let token = bearer_token(metadata)?;
-        check_cluster_id(metadata, &inner.cluster_id)?;
-        let caller = inner.authn.authenticate(token).await?;
+        let cluster = cluster_header(metadata)?;
+        let caller = inner.authn.authenticate(cluster, token).await?;
         let identity = self.target_identity(&caller, req).await?;
         self.check_rate(&caller, &identity)?;
         let csr = check_csr(&req.csr, &identity)?;
@@ -217,6 +216,7 @@ impl CaService {
             chain,
             identity,
             caller: caller.identity.to_string(),
+            cluster: caller.cluster,
             serial: issued.serial_hex,
             not_after: issued.not_after,
             ttl,
@@ -309,9 +309,9 @@ fn verify_issued(
     now: OffsetDateTime,
 ) -> Result<(), ValidationError> {
     match &issued.provenance {
-        Provenance::InProcess { issuer_path } => cache
-            .verify(bundle, &issued.leaf_pem, issuer_path, now)
-            .map(|_| ()),
+        Provenance::InProcess { issuer_path } => {
+            cache.verify(bundle, &issued.leaf_pem, issuer_path, now)
+        }
         Provenance::Upstream => {
             let mut ders = parse_certs(&issued.leaf_pem)
                 .map_err(|_| ValidationError::Malformed { index: 0 })?;
@@ -357,16 +357,15 @@ fn bearer_token(metadata: &MetadataMap) -> Result<&str, Rejection> {
     Ok(token)
 }
 
-fn check_cluster_id(metadata: &MetadataMap, expected: &str) -> Result<(), Rejection> {
-    match metadata
-        .get("clusterid")
-        .map(|v| v.to_str().unwrap_or("\u{fffd}"))
-    {
-        None | Some("") => Ok(()),
-        Some(got) if got == expected => Ok(()),
-        Some(got) => Err(Rejection::ClusterMismatch {
-            got: got.to_owned(),
-        }),
+/// The `clusterid` header istio-agent and ztunnel send: the cluster the caller's token is from
+/// (`None` when absent). A value that is not text names no cluster.
+fn cluster_header(metadata: &MetadataMap) -> Result<Option<&str>, Rejection> {
+    match metadata.get(CLUSTER_ID_HEADER) {
+        None => Ok(None),
+        Some(v) => v
+            .to_str()
+            .map(Some)
+            .map_err(|_| AuthnError::UnknownCluster.into()),
     }
 }
 
@@ -398,6 +397,7 @@ impl IstioCertificateService for CaService {
                     ttl = issued.ttl_decision.as_str(),
                     signer = self.inner.signer.name(),
                     caller = %issued.caller,
+                    cluster = %issued.cluster,
                     %peer,
                     latency_us = latency.as_micros() as u64,
                     "certificate issued"
@@ -549,10 +549,21 @@ mod tests {
     }
 
     #[test]
-    fn the_cluster_id_must_match_or_be_empty() {
-        assert!(check_cluster_id(&md(&[]), "c1").is_ok());
-        assert!(check_cluster_id(&md(&[("clusterid", "")]), "c1").is_ok());
-        assert!(check_cluster_id(&md(&[("clusterid", "c1")]), "c1").is_ok());
-        assert!(check_cluster_id(&md(&[("clusterid", "c2")]), "c1").is_err());
+    fn the_clusterid_header_is_passed_on_and_one_that_is_not_text_names_no_cluster() {
+        assert_eq!(cluster_header(&md(&[])).unwrap(), None);
+        assert_eq!(cluster_header(&md(&[("clusterid", "")])).unwrap(), Some(""));
+        assert_eq!(
+            cluster_header(&md(&[("clusterid", "c1")])).unwrap(),
+            Some("c1")
+        );
+        let mut m = MetadataMap::new();
+        m.insert(
+            "clusterid",
+            tonic::metadata::MetadataValue::try_from(&b"c\xff"[..]).unwrap(),
+        );
+        assert!(matches!(
+            cluster_header(&m),
+            Err(Rejection::Authn(AuthnError::UnknownCluster))
+        ));
     }
 }

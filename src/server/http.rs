@@ -18,7 +18,7 @@ pub type ReadinessDetail = Arc<dyn Fn() -> String + Send + Sync>;
 #[derive(Clone, Default)]
 pub struct Readiness {
     ready: Arc<AtomicBool>,
-    detail: Arc<std::sync::OnceLock<ReadinessDetail>>,
+    detail: Arc<std::sync::Mutex<Vec<ReadinessDetail>>>,
 }
 
 impl std::fmt::Debug for Readiness {
@@ -40,13 +40,21 @@ impl Readiness {
         self.ready.load(Ordering::SeqCst)
     }
 
-    /// Sets (once) what `/readyz` adds after its first line.
+    /// Adds lines to what `/readyz` prints after its first line (in the order added).
     pub fn set_detail(&self, detail: ReadinessDetail) {
-        let _ = self.detail.set(detail);
+        self.detail
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(detail);
     }
 
     fn detail(&self) -> String {
-        self.detail.get().map(|d| d()).unwrap_or_default()
+        let details = self
+            .detail
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        details.iter().map(|d| d()).collect::<Vec<_>>().join("\n")
     }
 }
 

@@ -156,6 +156,7 @@ impl<C: Clock> IssuanceLimiter<C> {
     }
 
     /// How many keys are tracked now.
+    #[cfg(test)]
     pub fn tracked_keys(&self) -> usize {
         self.limiter.len()
     }

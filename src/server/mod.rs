@@ -10,17 +10,18 @@ mod rejection;
 mod routes;
 mod tls;
 
-pub use ca_service::{CaService, CaServiceOptions, Durations, TtlDecision};
-pub use coalesce::CoalescingIo;
-pub use http::{Readiness, http_router};
-pub use issuance_limit::{
-    Admission, DEFAULT_BURST, DEFAULT_INTERVAL, DEFAULT_MAX_KEYS, IssuanceKey,
-    IssuanceLimitSettings, IssuanceLimiter,
+pub(crate) use ca_service::{CaService, CaServiceOptions, Durations};
+pub(crate) use coalesce::CoalescingIo;
+pub(crate) use http::{Readiness, http_router};
+pub use issuance_limit::IssuanceLimitSettings;
+pub(crate) use issuance_limit::IssuanceLimiter;
+pub use limits::ServerLimits;
+pub(crate) use limits::{
+    ConnectionGuard, GuardedListener, HTTP_MAX_CONNECTIONS, Refusals, RequestLimits, accept_tls,
+    drain_deadline,
 };
-pub use limits::{
-    ConnectionGuard, GuardedListener, HTTP_MAX_CONNECTIONS, Refusals, RequestLimits, ServerLimits,
-    accept_tls, drain_deadline,
-};
-pub use rejection::{RETRY_PUSHBACK_MS, Rejection};
-pub use routes::GrpcServices;
-pub use tls::{ServingCertResolver, TlsError, serving_config};
+pub use rejection::RETRY_PUSHBACK_MS;
+pub(crate) use rejection::Rejection;
+pub(crate) use routes::GrpcServices;
+pub use tls::TlsError;
+pub(crate) use tls::{ServingCertResolver, serving_config};

@@ -30,12 +30,6 @@ pub enum Rejection {
         /// The limit.
         max: usize,
     },
-    /// The `clusterid` header names another cluster.
-    #[error("clusterid {got:?} does not match this cluster")]
-    ClusterMismatch {
-        /// The header value.
-        got: String,
-    },
     /// `metadata.ImpersonatedIdentity` was set and the caller may not impersonate it.
     #[error("impersonation denied: {0}")]
     ImpersonationDenied(String),
@@ -86,7 +80,6 @@ impl Rejection {
             Self::Authn(e) => e.reason(),
             Self::MultipleAuthorization => "multiple_authorization",
             Self::TokenTooLarge { .. } => "token_too_large",
-            Self::ClusterMismatch { .. } => "cluster_mismatch",
             Self::ImpersonationDenied(_) => "impersonation_denied",
             Self::ImpersonationUnavailable(_) => "impersonation_unavailable",
             Self::Csr(e) => e.reason(),
@@ -125,10 +118,6 @@ impl Rejection {
             Self::MultipleAuthorization | Self::TokenTooLarge { .. } => {
                 Status::new(Code::Unauthenticated, self.to_string())
             }
-            Self::ClusterMismatch { .. } => Status::new(
-                Code::PermissionDenied,
-                "clusterid does not match this cluster",
-            ),
             Self::ImpersonationDenied(_) => Status::new(
                 Code::PermissionDenied,
                 "not authorized to impersonate this identity",
@@ -207,10 +196,7 @@ mod tests {
                 AuthnError::AudienceNotConfirmed.into(),
                 Code::Unauthenticated,
             ),
-            (
-                Rejection::ClusterMismatch { got: "x".into() },
-                Code::PermissionDenied,
-            ),
+            (AuthnError::UnknownCluster.into(), Code::PermissionDenied),
             (Rejection::MultipleAuthorization, Code::Unauthenticated),
             (
                 Rejection::TokenTooLarge {

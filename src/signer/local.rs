@@ -13,7 +13,9 @@ use x509_parser::prelude::{FromDer, X509Certificate};
 
 use rustls_pki_types::CertificateDer;
 
-use super::{BoxFuture, IssuedChain, Provenance, SignRequest, Signer, SignerError};
+use futures::future::BoxFuture;
+
+use super::{IssuedChain, Provenance, SignRequest, Signer, SignerError};
 use crate::identity::{leaf_params, random_serial};
 use crate::pem::{cert_to_pem, parse_certs};
 

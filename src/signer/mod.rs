@@ -5,8 +5,7 @@
 pub mod aws_pca;
 mod local;
 
-use std::future::Future;
-use std::pin::Pin;
+use futures::future::BoxFuture;
 use std::time::Duration;
 
 use time::OffsetDateTime;
@@ -16,9 +15,6 @@ use crate::identity::LeafProfile;
 #[cfg(feature = "server")]
 pub use aws_pca::{AwsPcaOptions, PcaMode};
 pub use local::{LocalSigner, LocalSignerFiles};
-
-/// A boxed future, so that signers can be used as `Arc<dyn Signer>`.
-pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// What to sign: policy has already been applied.
 #[derive(Debug, Clone)]

@@ -3,13 +3,12 @@
 // Crate-visible for `crate::fuzzing`, which re-exports its string escaper.
 pub(crate) mod json;
 mod logging;
+#[cfg(feature = "server")]
 mod metrics;
 #[cfg(test)]
 mod testing;
 
-pub use json::{JsonFields, JsonLines};
-pub use logging::{
-    AUDIT_TARGET, DroppedLogLines, LOG_QUEUE_LINES, LogFormat, LogGuard, dropped_log_lines,
-    init_logging, init_logging_to,
-};
-pub use metrics::{CertLabels, OutcomeLabels, ResultLabels, ServerMetrics};
+pub(crate) use logging::DroppedLogLines;
+pub use logging::{LogFormat, LogGuard, init_logging, init_logging_to};
+#[cfg(feature = "server")]
+pub(crate) use metrics::{CertLabels, OutcomeLabels, ResultLabels, ServerMetrics};

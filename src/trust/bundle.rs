@@ -1,10 +1,7 @@
 //! The trust bundle: the set of roots that issued chains must end in, and that clients trust.
 
-use std::sync::Arc;
-
 use rustls_pki_types::{CertificateDer, TrustAnchor};
 use time::OffsetDateTime;
-use tokio::sync::watch;
 use x509_parser::prelude::{FromDer, X509Certificate};
 
 use super::validate::{Usage, ValidatedPath, ValidationError, anchors, validate_with_anchors};
@@ -117,14 +114,4 @@ impl TrustBundle {
     ) -> Result<ValidatedPath, ValidationError> {
         validate_with_anchors(chain, &self.roots, &self.anchors, now, usage)
     }
-}
-
-/// Creates a watch channel publishing `bundle`.
-pub fn channel(
-    bundle: TrustBundle,
-) -> (
-    watch::Sender<Arc<TrustBundle>>,
-    watch::Receiver<Arc<TrustBundle>>,
-) {
-    watch::channel(Arc::new(bundle))
 }

@@ -11,14 +11,19 @@
 //!   `--extra-roots`.
 
 mod bundle;
+#[cfg(feature = "server")]
 mod path_cache;
+#[cfg(feature = "server")]
 mod reload;
-pub mod validate;
+mod validate;
 
-pub use bundle::{TrustBundle, TrustError, channel};
-pub use path_cache::{ISSUER_PATH_TTL, IssuerPathCache, PathCheck};
-pub use reload::{RELOAD_INTERVAL, combine, reload_extra_roots};
-pub use validate::{Usage, ValidatedPath, ValidationError, check_ca_certificate, validate_chain};
+pub use bundle::{TrustBundle, TrustError};
+#[cfg(feature = "server")]
+pub(crate) use path_cache::IssuerPathCache;
+#[cfg(feature = "server")]
+pub(crate) use reload::{RELOAD_INTERVAL, channel, combine, reload_extra_roots};
+pub use validate::{Usage, ValidatedPath, ValidationError};
+pub(crate) use validate::{check_ca_certificate, validate_chain};
 
 #[cfg(test)]
 mod tests;

@@ -32,15 +32,6 @@ pub struct IssuerPathCache {
     last: std::sync::Mutex<Option<VerifiedPath>>,
 }
 
-/// How [`IssuerPathCache::verify`] reached its answer.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum PathCheck {
-    /// The whole chain (leaf and path) was validated just now.
-    Verified,
-    /// The same path validated against the same bundle recently, and is still within validity.
-    Cached,
-}
-
 #[derive(Debug)]
 struct VerifiedPath {
     bundle: Arc<TrustBundle>,
@@ -59,8 +50,8 @@ impl IssuerPathCache {
 
     /// Checks that `path` (issuer first, then its intermediates; the root may be left out)
     /// validates against `bundle` at `now`, reusing the last successful check when it applies.
-    /// On a miss, `leaf_pem` (a certificate just signed with the path's first certificate) is
-    /// validated with it. Errors: [`ValidationError`] (a leaf that is not PEM is
+    /// On a miss, and only then, `leaf_pem` (a certificate just signed with the path's first
+    /// certificate) is parsed and validated with it. Errors: [`ValidationError`] (a leaf that is not PEM is
     /// `Malformed { index: 0 }`).
     pub fn verify(
         &self,
@@ -68,7 +59,7 @@ impl IssuerPathCache {
         leaf_pem: &str,
         path: &[CertificateDer<'_>],
         now: OffsetDateTime,
-    ) -> Result<PathCheck, ValidationError> {
+    ) -> Result<(), ValidationError> {
         {
             let last = self.last.lock().unwrap_or_else(|e| e.into_inner());
             if let Some(v) = last.as_ref()
@@ -77,7 +68,7 @@ impl IssuerPathCache {
                 && v.valid_from <= now
                 && now < v.valid_until
             {
-                return Ok(PathCheck::Cached);
+                return Ok(());
             }
         }
         let mut chain =
@@ -99,6 +90,6 @@ impl IssuerPathCache {
             valid_until,
         };
         *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some(entry);
-        Ok(PathCheck::Verified)
+        Ok(())
     }
 }

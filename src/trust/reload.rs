@@ -6,6 +6,16 @@ use tokio::sync::watch;
 
 use super::bundle::{TrustBundle, TrustError};
 
+/// Creates a watch channel publishing `bundle`.
+pub fn channel(
+    bundle: TrustBundle,
+) -> (
+    watch::Sender<Arc<TrustBundle>>,
+    watch::Receiver<Arc<TrustBundle>>,
+) {
+    watch::channel(Arc::new(bundle))
+}
+
 /// Builds the bundle from the signer's anchors plus the PEM roots in `extra_roots_pem` (empty or
 /// whitespace-only means none).
 pub fn combine(

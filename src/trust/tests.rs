@@ -1,7 +1,6 @@
 //! Unit tests for the trust module: path validation on chains built with rcgen at run time,
 //! the bundle, and the issuer-path cache.
 
-use std::sync::Arc;
 use std::time::Duration;
 
 use rcgen::{
@@ -412,109 +411,146 @@ fn duplicate_roots_are_dropped_and_garbage_is_refused() {
     ));
 }
 
-/// A root, an intermediate under it, a leaf signed by the intermediate, and a bundle of the
-/// root.
-struct PathFixture {
-    root: Ca,
-    intermediate: Ca,
-    leaf_pem: String,
-    bundle: Arc<TrustBundle>,
-    cache: IssuerPathCache,
-    now: OffsetDateTime,
-}
+/// The issuer path cache (server only).
+#[cfg(feature = "server")]
+mod path_cache {
+    use std::sync::Arc;
 
-fn leaf_pem(p: CertificateParams, parent: &Ca) -> String {
-    crate::pem::cert_to_pem(&leaf(p, parent))
-}
+    use super::super::path_cache::ISSUER_PATH_TTL;
+    use super::*;
 
-fn path_fixture() -> PathFixture {
-    let root = root("root");
-    let intermediate = sub_ca(
-        ca_params("intermediate", BasicConstraints::Constrained(0)),
-        &root,
-    );
-    PathFixture {
-        leaf_pem: leaf_pem(leaf_params(), &intermediate),
-        bundle: Arc::new(bundle(&[&root])),
-        root,
-        intermediate,
-        cache: IssuerPathCache::new(),
-        now: now(),
+    /// A root, an intermediate under it, a leaf signed by the intermediate, and a bundle of the
+    /// root.
+    struct PathFixture {
+        root: Ca,
+        intermediate: Ca,
+        leaf_pem: String,
+        bundle: Arc<TrustBundle>,
+        cache: IssuerPathCache,
+        now: OffsetDateTime,
     }
-}
 
-#[test]
-fn an_issuer_path_is_verified_once_per_bundle_and_again_for_a_new_bundle() {
-    let f = path_fixture();
-    let path = [f.intermediate.der.clone()];
-    let check = |bundle: &Arc<TrustBundle>, at| f.cache.verify(bundle, &f.leaf_pem, &path, at);
-    assert_eq!(check(&f.bundle, f.now), Ok(PathCheck::Verified));
-    assert_eq!(
-        check(&f.bundle, f.now + Duration::from_secs(30)),
-        Ok(PathCheck::Cached)
-    );
-    // An equal bundle published anew is a new Arc: checked again.
-    let republished = Arc::new((*f.bundle).clone());
-    assert_eq!(check(&republished, f.now), Ok(PathCheck::Verified));
-    // The root rotated away: the cached success for the old bundle does not carry over.
-    let other = Arc::new(bundle(&[&root("other root")]));
-    assert_eq!(check(&other, f.now), Err(ValidationError::UnknownIssuer));
-    let _ = &f.root;
-}
+    fn leaf_pem(p: CertificateParams, parent: &Ca) -> String {
+        crate::pem::cert_to_pem(&leaf(p, parent))
+    }
 
-#[test]
-fn a_cached_issuer_path_expires_with_its_certificates_and_after_the_ttl() {
-    let f = path_fixture();
-    let path = [f.intermediate.der.clone()];
-    f.cache
-        .verify(&f.bundle, &f.leaf_pem, &path, f.now)
-        .unwrap();
-    assert_eq!(
-        f.cache
-            .verify(&f.bundle, &f.leaf_pem, &path, f.now + ISSUER_PATH_TTL),
-        Ok(PathCheck::Verified),
-        "the TTL bounds how long a check is reused"
-    );
-    // The intermediate lives one more hour.
-    assert_eq!(
-        f.cache.verify(
+    fn path_fixture() -> PathFixture {
+        let root = root("root");
+        let intermediate = sub_ca(
+            ca_params("intermediate", BasicConstraints::Constrained(0)),
+            &root,
+        );
+        PathFixture {
+            leaf_pem: leaf_pem(leaf_params(), &intermediate),
+            bundle: Arc::new(bundle(&[&root])),
+            root,
+            intermediate,
+            cache: IssuerPathCache::new(),
+            now: now(),
+        }
+    }
+
+    /// Whether `cache` answers for `path` against `bundle` at `at` from a previous check: the leaf
+    /// is parsed only on a miss, so a leaf that is not a certificate passes only on a hit.
+    fn answered_from_cache(
+        cache: &IssuerPathCache,
+        bundle: &Arc<TrustBundle>,
+        path: &[CertificateDer<'static>],
+        at: OffsetDateTime,
+    ) -> bool {
+        match cache.verify(bundle, "not a certificate", path, at) {
+            Ok(()) => true,
+            Err(ValidationError::Malformed { index: 0 }) => false,
+            Err(e) => panic!("a miss with a junk leaf fails on the leaf, not with {e:?}"),
+        }
+    }
+
+    #[test]
+    fn an_issuer_path_is_verified_once_per_bundle_and_again_for_a_new_bundle() {
+        let f = path_fixture();
+        let path = [f.intermediate.der.clone()];
+        let check = |bundle: &Arc<TrustBundle>, at| f.cache.verify(bundle, &f.leaf_pem, &path, at);
+        assert!(!answered_from_cache(&f.cache, &f.bundle, &path, f.now));
+        assert_eq!(check(&f.bundle, f.now), Ok(()));
+        assert!(answered_from_cache(
+            &f.cache,
             &f.bundle,
-            &f.leaf_pem,
             &path,
-            f.now + Duration::from_secs(7200)
-        ),
-        Err(ValidationError::Expired)
-    );
-    // A different path is never answered from the cache.
-    let other = sub_ca(
-        ca_params("intermediate 2", BasicConstraints::Constrained(0)),
-        &f.root,
-    );
-    let other_leaf = leaf_pem(leaf_params(), &other);
-    assert_eq!(
-        f.cache.verify(
+            f.now + Duration::from_secs(30)
+        ));
+        // An equal bundle published anew is a new Arc: checked again.
+        let republished = Arc::new((*f.bundle).clone());
+        assert!(!answered_from_cache(&f.cache, &republished, &path, f.now));
+        assert_eq!(check(&republished, f.now), Ok(()));
+        // The root rotated away: the cached success for the old bundle does not carry over.
+        let other = Arc::new(bundle(&[&root("other root")]));
+        assert_eq!(check(&other, f.now), Err(ValidationError::UnknownIssuer));
+        let _ = &f.root;
+    }
+
+    #[test]
+    fn a_cached_issuer_path_expires_with_its_certificates_and_after_the_ttl() {
+        let f = path_fixture();
+        let path = [f.intermediate.der.clone()];
+        f.cache
+            .verify(&f.bundle, &f.leaf_pem, &path, f.now)
+            .unwrap();
+        assert!(
+            !answered_from_cache(&f.cache, &f.bundle, &path, f.now + ISSUER_PATH_TTL),
+            "the TTL bounds how long a check is reused"
+        );
+        assert_eq!(
+            f.cache
+                .verify(&f.bundle, &f.leaf_pem, &path, f.now + ISSUER_PATH_TTL),
+            Ok(())
+        );
+        // The intermediate lives one more hour.
+        assert_eq!(
+            f.cache.verify(
+                &f.bundle,
+                &f.leaf_pem,
+                &path,
+                f.now + Duration::from_secs(7200)
+            ),
+            Err(ValidationError::Expired)
+        );
+        // A different path is never answered from the cache.
+        let other = sub_ca(
+            ca_params("intermediate 2", BasicConstraints::Constrained(0)),
+            &f.root,
+        );
+        let other_leaf = leaf_pem(leaf_params(), &other);
+        assert!(!answered_from_cache(
+            &f.cache,
             &f.bundle,
-            &other_leaf,
             std::slice::from_ref(&other.der),
             f.now
-        ),
-        Ok(PathCheck::Verified)
-    );
-}
-
-#[test]
-fn an_issuer_path_that_is_not_a_ca_path_is_never_cached() {
-    let r = root("root");
-    let mut p = ca_params("not a CA", BasicConstraints::Unconstrained);
-    p.is_ca = IsCa::ExplicitNoCa;
-    let i = sub_ca(p, &r);
-    let b = Arc::new(bundle(&[&r]));
-    let cache = IssuerPathCache::new();
-    let l = leaf_pem(leaf_params(), &i);
-    for _ in 0..2 {
+        ));
         assert_eq!(
-            cache.verify(&b, &l, std::slice::from_ref(&i.der), now()),
-            Err(ValidationError::NotCa)
+            f.cache.verify(
+                &f.bundle,
+                &other_leaf,
+                std::slice::from_ref(&other.der),
+                f.now
+            ),
+            Ok(())
         );
+    }
+
+    #[test]
+    fn an_issuer_path_that_is_not_a_ca_path_is_never_cached() {
+        let r = root("root");
+        let mut p = ca_params("not a CA", BasicConstraints::Unconstrained);
+        p.is_ca = IsCa::ExplicitNoCa;
+        let i = sub_ca(p, &r);
+        let b = Arc::new(bundle(&[&r]));
+        let cache = IssuerPathCache::new();
+        let l = leaf_pem(leaf_params(), &i);
+        for _ in 0..2 {
+            assert_eq!(
+                cache.verify(&b, &l, std::slice::from_ref(&i.der), now()),
+                Err(ValidationError::NotCa)
+            );
+        }
     }
 }

@@ -131,15 +131,21 @@ impl Harness {
         let sa_signing_key = std::env::var_os("MESHID_TEST_SA_SIGNING_KEY")
             .map(PathBuf::from)
             .unwrap_or_else(|| sibling(&kubeconfig, "pki/sa.key"));
+        Some(Harness::from_paths(kubeconfig, sa_signing_key).await)
+    }
+
+    /// Connects to the harness whose admin kubeconfig and service account signing key are
+    /// these files. Panics when the kubeconfig is unusable.
+    pub async fn from_paths(kubeconfig: PathBuf, sa_signing_key: PathBuf) -> Harness {
         install_crypto_provider();
         let config = load_config(&kubeconfig)
             .await
-            .unwrap_or_else(|e| panic!("MESHID_TEST_KUBECONFIG={}: {e:#}", kubeconfig.display()));
-        Some(Harness {
+            .unwrap_or_else(|e| panic!("kubeconfig {}: {e:#}", kubeconfig.display()));
+        Harness {
             config,
             kubeconfig,
             sa_signing_key,
-        })
+        }
     }
 
     /// The admin client configuration (client certificate, `system:masters`).
@@ -504,6 +510,93 @@ where
                 return Err(e.context(format!("still failing after {timeout:?}")));
             }
             Err(_) => tokio::time::sleep(Duration::from_millis(200)).await,
+        }
+    }
+}
+
+/// A harness instance a test starts and stops itself, beside the one `tests/run.sh` started:
+/// `tests/kube-harness/run.sh up` with its own state directory (in a temporary directory) and
+/// variable prefix. Stopped by [`Instance::stop`] or on drop.
+pub struct Instance {
+    dir: tempfile::TempDir,
+    harness: Harness,
+    url: String,
+    running: bool,
+}
+
+impl Instance {
+    /// The prefix of the variables `run.sh up` prints for it.
+    const PREFIX: &'static str = "MESHID_TEST_INSTANCE_";
+
+    /// Starts a new instance (4–8 s) and connects to it.
+    pub async fn start() -> anyhow::Result<Instance> {
+        let dir = tempfile::tempdir()?;
+        let state = dir.path().join("state");
+        let out = Self::run_sh(&state, "up").await?;
+        let var = |name: &str| -> anyhow::Result<String> {
+            let key = format!("export {}{name}=", Self::PREFIX);
+            out.lines()
+                .find_map(|l| l.strip_prefix(&key))
+                .map(str::to_owned)
+                .with_context(|| format!("run.sh up printed no {key}: {out}"))
+        };
+        let harness =
+            Harness::from_paths(var("KUBECONFIG")?.into(), var("SA_SIGNING_KEY")?.into()).await;
+        Ok(Instance {
+            url: var("KUBE_URL")?,
+            dir,
+            harness,
+            running: true,
+        })
+    }
+
+    /// The connection to it.
+    pub fn harness(&self) -> &Harness {
+        &self.harness
+    }
+
+    /// Its apiserver URL (`https://127.0.0.1:<port>`).
+    pub fn url(&self) -> &str {
+        &self.url
+    }
+
+    /// Stops its apiserver and etcd (`run.sh down`) and waits until they are gone.
+    pub async fn stop(&mut self) -> anyhow::Result<()> {
+        if self.running {
+            self.running = false;
+            Self::run_sh(&self.dir.path().join("state"), "down").await?;
+        }
+        Ok(())
+    }
+
+    async fn run_sh(state: &Path, command: &'static str) -> anyhow::Result<String> {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/kube-harness/run.sh");
+        let state = state.to_owned();
+        let out = tokio::task::spawn_blocking(move || {
+            std::process::Command::new(&script)
+                .arg(command)
+                .env("MESHID_HARNESS_DIR", &state)
+                .env("MESHID_HARNESS_ENV_PREFIX", Self::PREFIX)
+                .stderr(std::process::Stdio::inherit())
+                .output()
+                .with_context(|| format!("running {}", script.display()))
+        })
+        .await??;
+        if !out.status.success() {
+            bail!("run.sh {command} failed: {}", out.status);
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+impl Drop for Instance {
+    fn drop(&mut self) {
+        if self.running {
+            let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/kube-harness/run.sh");
+            let _ = std::process::Command::new(script)
+                .arg("down")
+                .env("MESHID_HARNESS_DIR", self.dir.path().join("state"))
+                .status();
         }
     }
 }

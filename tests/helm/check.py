@@ -62,7 +62,7 @@ TEST_LABEL = "meshid.dev/test"
 ROOT_CONFIGMAP = "istio-ca-root-cert"
 
 # Scenarios applied to the apiserver. The others are rendered and validated only.
-APPLY = {"defaults", "aws-pca-irsa", "istiod-cert", "minimal"}
+APPLY = {"defaults", "aws-pca-irsa", "istiod-cert", "minimal", "multicluster"}
 
 
 # --------------------------------------------------------------------------------------------
@@ -335,6 +335,13 @@ def check_rbac(objects: list[dict[str, Any]], v: dict[str, Any], release: str, n
                         ("", "configmaps", f"{lease}-signing-roots", "patch")}
     for role in lease_roles:
         expect(rule_set(role["rules"]) == want_lease_rules, f"leader-election Role {role['rules']}")
+    remote_roles = [r for r in kinds(objects, "Role") if r["metadata"]["name"] == f"{name}-remote-secrets"]
+    expect(len(remote_roles) == (1 if v["remoteClusters"]["secrets"] else 0), "remote Secrets Role iff remoteClusters.secrets")
+    for role in remote_roles:
+        expect(role["metadata"]["namespace"] == (v["remoteClusters"]["secretsNamespace"] or namespace),
+               f"remote Secrets Role in {role['metadata']['namespace']}")
+        expect(rule_set(role["rules"]) == {("", "secrets", "*", verb) for verb in ("get", "list", "watch")},
+               f"remote Secrets Role {role['rules']}")
     istiod_roles = [r for r in kinds(objects, "Role") if r["metadata"]["name"] == f"{name}-istiod-cert"]
     expect(len(istiod_roles) == (1 if v["istiodCert"]["enabled"] else 0), "istiod Secret Role iff istiodCert.enabled")
     if istiod_roles:
@@ -382,6 +389,12 @@ def check_config_file(objects: list[dict[str, Any]], v: dict[str, Any], release:
     if v["istiodCert"]["enabled"]:
         expect(cfg["istiod-namespace"] == v["istiodCert"]["namespace"], "istiod-namespace")
     expect(cfg["trusted-node-accounts"] == v["ztunnel"]["trustedNodeAccounts"], "trusted-node-accounts")
+    if v["remoteClusters"]["secrets"]:
+        expect(cfg["remote-secrets"] is True
+               and cfg["remote-secrets-namespace"] == (v["remoteClusters"]["secretsNamespace"] or namespace),
+               f"remote secrets settings {cfg}")
+    else:
+        expect("remote-secrets" not in cfg and "remote-secrets-namespace" not in cfg, "no remote secrets settings")
     if controllers_enabled(v):
         expect(cfg["leader-election-namespace"] == namespace, "leader election in the release namespace")
         expect(cfg["signing-roots-interval"] == v["leaderElection"]["signingRootsInterval"]
@@ -411,6 +424,7 @@ REJECTED_VALUES = [
     ({"trustDomian": "cluster.local"}, "trustDomian"),
     ({"ztunnel": {"trustedNodeAccounts": ["ztunnel"]}}, "trustedNodeAccounts"),
     ({"replicaCount": 0}, "replicaCount"),
+    ({"remoteClusters": {"secrets": "yes"}}, "secrets"),
     ({"certificates": {"maxTTL": "two days"}}, "maxTTL"),
     ({"istiodCert": {"enabled": True, "namespace": ""}}, "istiodCert.namespace"),
 ]
@@ -637,6 +651,13 @@ def access_plan(api: k8s.ApiClient, v: dict[str, Any], ns: str, workload_ns: str
     a.deny(f"list secrets in {istiod_ns}", lambda: core.list_namespaced_secret(istiod_ns))
     a.deny(f"delete secret {istiod_ns}/{secret}", lambda: core.delete_namespaced_secret(secret, istiod_ns))
     a.deny(f"get secret {workload_ns}/anything", lambda: core.read_namespaced_secret("anything", workload_ns))
+    # Remote clusters: the remote Secrets in the release namespace, read only.
+    remote = a.allow if v["remoteClusters"]["secrets"] else a.deny
+    remote(f"list secrets in {ns}", lambda: core.list_namespaced_secret(ns))
+    remote(f"watch secrets in {ns}", lambda: watch_once(core.list_namespaced_secret, namespace=ns))
+    remote(f"get secret {ns}/istio-remote-secret-b", lambda: core.read_namespaced_secret("istio-remote-secret-b", ns))
+    a.deny(f"create secret in {ns}", lambda: core.create_namespaced_secret(
+        ns, k8s.V1Secret(metadata=k8s.V1ObjectMeta(name="meshid-must-not"))))
     a.deny("list secrets in all namespaces", lambda: core.list_secret_for_all_namespaces())
 
     # No path to more privilege, and not even to its own Deployment.

@@ -14,16 +14,24 @@
 #   MESHID_HARNESS_DIR      state directory (default: tests/kube-harness/state)
 #   MESHID_HARNESS_TIMEOUT  seconds `up` waits for readiness (default: 120)
 #   MESHID_HARNESS_APISERVER_ARGS  extra kube-apiserver flags, space separated
+#   MESHID_HARNESS_ENV_PREFIX  prefix of the printed variable names (default: MESHID_TEST_);
+#                   a second instance beside the first takes another state directory and,
+#                   e.g., MESHID_TEST_B_ (ports are free ones picked by the harness itself)
+#
+# A second instance:
+#   MESHID_HARNESS_DIR=/tmp/harness-b MESHID_HARNESS_ENV_PREFIX=MESHID_TEST_B_ run.sh up
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 state="$(realpath -m "${MESHID_HARNESS_DIR:-$here/state}")"
 timeout="${MESHID_HARNESS_TIMEOUT:-120}"
+prefix="${MESHID_HARNESS_ENV_PREFIX:-MESHID_TEST_}"
 bin="$here/bin/kube-harness"
 marker=".meshid-kube-harness"
 
 log() { echo "kube-harness: $*" >&2; }
 die() { log "$*"; exit 1; }
+[[ "$prefix" =~ ^[A-Za-z_][A-Za-z0-9_]*$ ]] || die "MESHID_HARNESS_ENV_PREFIX=$prefix is not a variable name prefix"
 
 pid_running() {
     local pid
@@ -39,9 +47,9 @@ peak_kib() { awk '/^VmHWM:/ {print $2}' "/proc/$(cat "$state/pid")/status" 2>/de
 print_env() {
     local url
     url="$(cat "$state/ready")"
-    echo "export MESHID_TEST_KUBECONFIG=$state/kubeconfig"
-    echo "export MESHID_TEST_KUBE_URL=$url"
-    echo "export MESHID_TEST_SA_SIGNING_KEY=$state/pki/sa.key"
+    echo "export ${prefix}KUBECONFIG=$state/kubeconfig"
+    echo "export ${prefix}KUBE_URL=$url"
+    echo "export ${prefix}SA_SIGNING_KEY=$state/pki/sa.key"
 }
 
 needs_build() {

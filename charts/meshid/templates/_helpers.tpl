@@ -83,6 +83,10 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 
 {{/* meshid's configuration file: kebab-case keys, exactly the `meshid server` flag names.
 This is the only place meshid settings are rendered. */}}
+{{- define "meshid.remoteSecretsNamespace" -}}
+{{- .Values.remoteClusters.secretsNamespace | default .Release.Namespace }}
+{{- end }}
+
 {{- define "meshid.config" -}}
 {{- $v := .Values }}
 {{- $c := dict
@@ -142,6 +146,10 @@ This is the only place meshid settings are rendered. */}}
 {{- with $v.rootConfigMap.namespaceSelector }}
 {{- $_ := set $c "namespace-selector" . }}
 {{- end }}
+{{- end }}
+{{- if $v.remoteClusters.secrets }}
+{{- $_ := set $c "remote-secrets" true }}
+{{- $_ := set $c "remote-secrets-namespace" (include "meshid.remoteSecretsNamespace" .) }}
 {{- end }}
 {{- if $v.istiodCert.enabled }}
 {{- $_ := set $c "istiod-namespace" $v.istiodCert.namespace }}

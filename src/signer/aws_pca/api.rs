@@ -4,7 +4,7 @@
 //! everything above it (rate limiting, retries, coalescing, certificate handling) is written
 //! against this trait only.
 
-use crate::signer::BoxFuture;
+use futures::future::BoxFuture;
 
 /// One of the PCA operations, for metrics and logs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]

@@ -15,7 +15,7 @@ use x509_parser::oid_registry::{
     OID_X509_EXT_EXTENDED_KEY_USAGE, OID_X509_EXT_KEY_USAGE, OID_X509_EXT_SUBJECT_ALT_NAME,
     OID_X509_EXT_SUBJECT_KEY_IDENTIFIER, OID_X509_ORGANIZATION_NAME,
 };
-use x509_parser::prelude::{FromDer, X509Certificate};
+use x509_parser::prelude::{FromDer, X509Certificate, X509Extension};
 
 use super::api::{ApiPassthrough, ExtendedKeyUsage};
 use super::request::SAN_OID;
@@ -86,7 +86,15 @@ pub fn check_leaf(
 ) -> Result<(), LeafMismatch> {
     let (_, cert) = X509Certificate::from_der(leaf_der)
         .map_err(|e| LeafMismatch::Unparseable(e.to_string()))?;
+    check_subject(&cert, asked)?;
+    if cert.public_key().raw != spki_der {
+        return Err(LeafMismatch::PublicKey);
+    }
+    check_extensions(&cert, asked)
+}
 
+/// The subject holds exactly the attributes sent, in any order.
+fn check_subject(cert: &X509Certificate<'_>, asked: &ApiPassthrough) -> Result<(), LeafMismatch> {
     let mut want = vec![("O".to_owned(), asked.subject.organization.clone())];
     if let Some(cn) = &asked.subject.common_name {
         want.push(("CN".to_owned(), cn.clone()));
@@ -111,11 +119,15 @@ pub fn check_leaf(
             want: subject_text(&want),
         });
     }
+    Ok(())
+}
 
-    if cert.public_key().raw != spki_der {
-        return Err(LeafMismatch::PublicKey);
-    }
-
+/// The extensions asked for are present, each once and as sent; the others are only the
+/// non-critical identifiers and pointers PCA adds.
+fn check_extensions(
+    cert: &X509Certificate<'_>,
+    asked: &ApiPassthrough,
+) -> Result<(), LeafMismatch> {
     let asked_san = asked
         .custom_extensions
         .iter()
@@ -147,52 +159,15 @@ pub fn check_leaf(
             }
             san = true;
         } else if ext.oid == OID_X509_EXT_KEY_USAGE {
-            let ParsedExtension::KeyUsage(k) = ext.parsed_extension() else {
-                return Err(LeafMismatch::KeyUsage("unparseable".into()));
-            };
-            let want_ku = (
-                asked.key_usage.digital_signature,
-                asked.key_usage.key_encipherment,
-            );
-            let other_bits = k.flags & !0b101;
-            if (k.digital_signature(), k.key_encipherment()) != want_ku || other_bits != 0 {
-                return Err(LeafMismatch::KeyUsage(k.to_string()));
-            }
-            ku = true;
+            ku = check_key_usage(ext, asked)?;
         } else if ext.oid == OID_X509_EXT_EXTENDED_KEY_USAGE {
-            let ParsedExtension::ExtendedKeyUsage(e) = ext.parsed_extension() else {
-                return Err(LeafMismatch::ExtendedKeyUsage);
-            };
-            let want_server = asked
-                .extended_key_usage
-                .contains(&ExtendedKeyUsage::ServerAuth);
-            let want_client = asked
-                .extended_key_usage
-                .contains(&ExtendedKeyUsage::ClientAuth);
-            let others = e.any
-                || e.code_signing
-                || e.email_protection
-                || e.time_stamping
-                || e.ocsp_signing
-                || !e.other.is_empty();
-            if e.server_auth != want_server || e.client_auth != want_client || others {
-                return Err(LeafMismatch::ExtendedKeyUsage);
-            }
-            eku = true;
+            eku = check_extended_key_usage(ext, asked)?;
         } else if ext.oid == OID_X509_EXT_BASIC_CONSTRAINTS {
             match ext.parsed_extension() {
                 ParsedExtension::BasicConstraints(b) if !b.ca => bc = true,
                 _ => return Err(LeafMismatch::BasicConstraints),
             }
-        } else if ext.oid == OID_X509_EXT_SUBJECT_KEY_IDENTIFIER
-            || ext.oid == OID_X509_EXT_AUTHORITY_KEY_IDENTIFIER
-            || ext.oid == OID_X509_EXT_CRL_DISTRIBUTION_POINTS
-            || ext.oid == OID_PKIX_AUTHORITY_INFO_ACCESS
-        {
-            if ext.critical {
-                return Err(unexpected());
-            }
-        } else {
+        } else if !is_added_by_pca(ext) {
             return Err(unexpected());
         }
     }
@@ -209,6 +184,57 @@ pub fn check_leaf(
         return Err(LeafMismatch::BasicConstraints);
     }
     Ok(())
+}
+
+/// A non-critical key identifier or CRL/AIA pointer, which PCA adds from the CA's configuration.
+fn is_added_by_pca(ext: &X509Extension<'_>) -> bool {
+    let added = ext.oid == OID_X509_EXT_SUBJECT_KEY_IDENTIFIER
+        || ext.oid == OID_X509_EXT_AUTHORITY_KEY_IDENTIFIER
+        || ext.oid == OID_X509_EXT_CRL_DISTRIBUTION_POINTS
+        || ext.oid == OID_PKIX_AUTHORITY_INFO_ACCESS;
+    added && !ext.critical
+}
+
+/// keyUsage has exactly the bits sent.
+fn check_key_usage(ext: &X509Extension<'_>, asked: &ApiPassthrough) -> Result<bool, LeafMismatch> {
+    let ParsedExtension::KeyUsage(k) = ext.parsed_extension() else {
+        return Err(LeafMismatch::KeyUsage("unparseable".into()));
+    };
+    let want_ku = (
+        asked.key_usage.digital_signature,
+        asked.key_usage.key_encipherment,
+    );
+    let other_bits = k.flags & !0b101;
+    if (k.digital_signature(), k.key_encipherment()) != want_ku || other_bits != 0 {
+        return Err(LeafMismatch::KeyUsage(k.to_string()));
+    }
+    Ok(true)
+}
+
+/// extendedKeyUsage has exactly the purposes sent.
+fn check_extended_key_usage(
+    ext: &X509Extension<'_>,
+    asked: &ApiPassthrough,
+) -> Result<bool, LeafMismatch> {
+    let ParsedExtension::ExtendedKeyUsage(e) = ext.parsed_extension() else {
+        return Err(LeafMismatch::ExtendedKeyUsage);
+    };
+    let want_server = asked
+        .extended_key_usage
+        .contains(&ExtendedKeyUsage::ServerAuth);
+    let want_client = asked
+        .extended_key_usage
+        .contains(&ExtendedKeyUsage::ClientAuth);
+    let others = e.any
+        || e.code_signing
+        || e.email_protection
+        || e.time_stamping
+        || e.ocsp_signing
+        || !e.other.is_empty();
+    if e.server_auth != want_server || e.client_auth != want_client || others {
+        return Err(LeafMismatch::ExtendedKeyUsage);
+    }
+    Ok(true)
 }
 
 #[cfg(test)]

@@ -11,7 +11,9 @@ use super::limit::{Admission, SingleFlight};
 use super::request::{coalescing_key, leaf_issue_request, split_chain};
 use super::upstream::Upstream;
 use crate::pem::parse_certs;
-use crate::signer::{BoxFuture, IssuedChain, Provenance, SignRequest, Signer, SignerError};
+use futures::future::BoxFuture;
+
+use crate::signer::{IssuedChain, Provenance, SignRequest, Signer, SignerError};
 
 /// Issues every certificate through PCA (`BlankEndEntityCertificate_APIPassthrough`), with
 /// our policy in `ApiPassthrough`, and serves a leaf only once it matches that policy exactly

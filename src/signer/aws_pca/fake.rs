@@ -22,7 +22,7 @@ use super::api::{
 };
 use super::request::{INTERMEDIATE_TEMPLATE_ARN, LEAF_TEMPLATE_ARN};
 use crate::identity::random_serial;
-use crate::signer::BoxFuture;
+use futures::future::BoxFuture;
 
 /// One recorded call.
 #[derive(Debug, Clone)]

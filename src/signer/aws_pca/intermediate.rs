@@ -20,7 +20,9 @@ use super::limit::Backoff;
 use super::request::{intermediate_csr, intermediate_issue_request, split_chain};
 use super::upstream::Upstream;
 use crate::pem::cert_to_pem;
-use crate::signer::{BoxFuture, IssuedChain, LocalSigner, SignRequest, Signer, SignerError};
+use futures::future::BoxFuture;
+
+use crate::signer::{IssuedChain, LocalSigner, SignRequest, Signer, SignerError};
 use crate::trust::TrustBundle;
 
 /// Renewal starts this long before the last moment a full-length leaf could still be issued.

@@ -4,55 +4,59 @@
 
 use std::collections::HashMap;
 use std::hash::Hash;
+use std::num::NonZeroU32;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{OnceCell, OwnedSemaphorePermit, Semaphore};
 use tokio::time::Instant;
 
-/// A token bucket: at most `burst` requests at once, refilled at `rate` per second. Waiters are
-/// served in arrival order (the state is behind a fair async mutex held while waiting), and a
-/// waiter that is cancelled consumes no token.
-#[derive(Debug)]
-pub struct TokenBucket {
-    rate: f64,
-    burst: f64,
-    state: tokio::sync::Mutex<BucketState>,
+/// governor's clock on `tokio::time`, so that tests which pause time also pause the bucket.
+#[derive(Debug, Clone, Copy, Default)]
+struct TokioClock;
+
+impl governor::clock::Clock for TokioClock {
+    type Instant = std::time::Instant;
+
+    fn now(&self) -> Self::Instant {
+        Instant::now().into_std()
+    }
 }
 
+type DirectLimiter = governor::RateLimiter<
+    governor::state::NotKeyed,
+    governor::state::InMemoryState,
+    TokioClock,
+    governor::middleware::NoOpMiddleware<std::time::Instant>,
+>;
+
+/// A token bucket (governor's GCRA): at most `burst` requests at once, refilled at `rate` per
+/// second. Waiters are served in arrival order (a fair async mutex is held while waiting), and
+/// a waiter that is cancelled consumes no token.
 #[derive(Debug)]
-struct BucketState {
-    tokens: f64,
-    at: Instant,
+pub struct TokenBucket {
+    limiter: DirectLimiter,
+    queue: tokio::sync::Mutex<()>,
 }
 
 impl TokenBucket {
     /// A full bucket refilling `per_second` tokens per second, holding at most `burst`.
     /// Both are at least 1.
     pub fn new(per_second: u32, burst: u32) -> Self {
+        let at_least_one = |n: u32| NonZeroU32::new(n).unwrap_or(NonZeroU32::MIN);
+        let quota =
+            governor::Quota::per_second(at_least_one(per_second)).allow_burst(at_least_one(burst));
         Self {
-            rate: f64::from(per_second.max(1)),
-            burst: f64::from(burst.max(1)),
-            state: tokio::sync::Mutex::new(BucketState {
-                tokens: f64::from(burst.max(1)),
-                at: Instant::now(),
-            }),
+            limiter: governor::RateLimiter::direct_with_clock(quota, TokioClock),
+            queue: tokio::sync::Mutex::new(()),
         }
     }
 
     /// Waits for one token and takes it.
     pub async fn acquire(&self) {
-        let mut s = self.state.lock().await;
-        loop {
-            let now = Instant::now();
-            let earned = now.duration_since(s.at).as_secs_f64() * self.rate;
-            s.tokens = (s.tokens + earned).min(self.burst);
-            s.at = now;
-            if s.tokens >= 1.0 {
-                s.tokens -= 1.0;
-                return;
-            }
-            let wait = Duration::from_secs_f64((1.0 - s.tokens) / self.rate);
+        let _turn = self.queue.lock().await;
+        while let Err(not_until) = self.limiter.check() {
+            let wait = not_until.wait_time_from(governor::clock::Clock::now(&TokioClock));
             tokio::time::sleep(wait).await;
         }
     }
@@ -116,6 +120,11 @@ impl Backoff {
 /// Coalesces concurrent calls with the same key: one runs, the others wait for and share its
 /// result. If the running caller is cancelled, a waiting one takes over. Finished results are
 /// not cached: the next call after completion runs again.
+///
+/// Standard parts: the waiting and the takeover are `tokio::sync::OnceCell::get_or_init`; ours
+/// is only the key map. Unlike `authn::SingleFlight` (on `futures::future::Shared`, which needs
+/// a `'static` call) it runs a call that borrows the request, and a cancelled PCA request is
+/// retried by the next waiter rather than kept running with nobody to answer.
 #[derive(Debug)]
 pub struct SingleFlight<K, V> {
     inflight: Mutex<HashMap<K, Arc<OnceCell<V>>>>,
@@ -158,12 +167,14 @@ impl<K: Eq + Hash + Clone, V: Clone> SingleFlight<K, V> {
         (value, !ran)
     }
 
-    /// Keys currently running (for tests and metrics).
+    /// Keys currently running.
+    #[cfg(test)]
     pub fn len(&self) -> usize {
         self.inflight.lock().map(|m| m.len()).unwrap_or(0)
     }
 
     /// Whether nothing is running.
+    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }

@@ -16,11 +16,11 @@ mod direct;
 mod error;
 #[cfg(test)]
 mod fake;
-pub mod intermediate;
+pub(crate) mod intermediate;
 mod limit;
 mod metrics;
 mod options;
-pub mod request;
+mod request;
 mod sdk;
 mod setup;
 #[cfg(test)]
@@ -28,16 +28,14 @@ mod tests;
 mod upstream;
 
 pub use api::{ApiError, PcaApi};
-pub use check::{LeafMismatch, check_leaf};
-pub use direct::DirectSigner;
+pub use check::LeafMismatch;
 pub use error::PcaError;
-pub use intermediate::{IntermediateRenewal, IntermediateSigner};
-pub use limit::{Admission, Backoff, SingleFlight, TokenBucket};
+pub(crate) use intermediate::IntermediateRenewal;
 pub use metrics::PcaMetrics;
-pub use options::{
-    AwsPcaOptions, CaArn, DEFAULT_INTERMEDIATE_TTL, DEFAULT_MAX_PENDING, DEFAULT_TPS, PcaMode,
-    parse_ca_arn,
+pub use options::{AwsPcaOptions, CaArn, PcaMode};
+pub(crate) use options::{
+    DEFAULT_INTERMEDIATE_TTL, DEFAULT_MAX_PENDING, DEFAULT_TPS, parse_ca_arn,
 };
 pub use sdk::SdkPcaClient;
-pub use setup::{Started, connect, start};
-pub use upstream::{RetryPolicy, Upstream};
+pub(crate) use setup::connect;
+pub use setup::{Started, start};

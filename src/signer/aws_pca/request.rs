@@ -126,37 +126,40 @@ pub enum SanName {
     Ip(std::net::IpAddr),
 }
 
-fn der_len(len: usize, out: &mut Vec<u8>) {
-    if len < 0x80 {
-        out.push(len as u8);
-    } else {
-        let bytes = len.to_be_bytes();
-        let skip = bytes.iter().take_while(|b| **b == 0).count();
-        out.push(0x80 | (bytes.len() - skip) as u8);
-        out.extend_from_slice(&bytes[skip..]);
-    }
-}
-
-fn der_tlv(tag: u8, content: &[u8], out: &mut Vec<u8>) {
-    out.push(tag);
-    der_len(content.len(), out);
-    out.extend_from_slice(content);
-}
-
-/// DER of a subjectAltName extension value: `SEQUENCE OF GeneralName`.
+/// DER of a subjectAltName extension value: `SEQUENCE OF GeneralName`, written with yasna (the
+/// DER writer rcgen uses for its own SANs). A name that is not ASCII (which no SPIFFE ID is, and
+/// PCA refuses) keeps its UTF-8 bytes under its tag rather than failing.
 pub fn san_der(names: &[SanName]) -> Vec<u8> {
-    let mut body = Vec::new();
-    for name in names {
-        match name {
-            SanName::Uri(u) => der_tlv(0x86, u.as_bytes(), &mut body),
-            SanName::Dns(d) => der_tlv(0x82, d.as_bytes(), &mut body),
-            SanName::Ip(std::net::IpAddr::V4(a)) => der_tlv(0x87, &a.octets(), &mut body),
-            SanName::Ip(std::net::IpAddr::V6(a)) => der_tlv(0x87, &a.octets(), &mut body),
+    yasna::construct_der(|w| {
+        w.write_sequence(|w| {
+            for name in names {
+                match name {
+                    SanName::Uri(u) => write_ia5(w.next(), 6, u),
+                    SanName::Dns(d) => write_ia5(w.next(), 2, d),
+                    SanName::Ip(ip) => {
+                        let octets = match ip {
+                            std::net::IpAddr::V4(a) => a.octets().to_vec(),
+                            std::net::IpAddr::V6(a) => a.octets().to_vec(),
+                        };
+                        w.next().write_tagged_implicit(yasna::Tag::context(7), |w| {
+                            w.write_bytes(&octets)
+                        });
+                    }
+                }
+            }
+        })
+    })
+}
+
+/// `[tag] IMPLICIT IA5String`.
+fn write_ia5(w: yasna::DERWriter<'_>, tag: u64, text: &str) {
+    w.write_tagged_implicit(yasna::Tag::context(tag), |w| {
+        if text.is_ascii() {
+            w.write_ia5_string(text)
+        } else {
+            w.write_bytes(text.as_bytes())
         }
-    }
-    let mut out = Vec::with_capacity(body.len() + 4);
-    der_tlv(0x30, &body, &mut out);
-    out
+    });
 }
 
 /// The subject CN and SAN names a profile gets (the same as the local signer's
@@ -446,6 +449,32 @@ mod tests {
         ] {
             assert_ne!(t, other);
         }
+    }
+
+    #[test]
+    fn the_san_der_is_byte_for_byte_the_one_rcgen_writes() {
+        let names = [
+            SanName::Uri("spiffe://td/ns/a/sa/b".into()),
+            SanName::Dns("x".repeat(200)),
+            SanName::Ip("127.0.0.1".parse().unwrap()),
+            SanName::Ip("::1".parse().unwrap()),
+        ];
+        let mut params = rcgen::CertificateParams::default();
+        params.subject_alt_names = vec![
+            rcgen::SanType::URI("spiffe://td/ns/a/sa/b".try_into().unwrap()),
+            rcgen::SanType::DnsName("x".repeat(200).try_into().unwrap()),
+            rcgen::SanType::IpAddress("127.0.0.1".parse().unwrap()),
+            rcgen::SanType::IpAddress("::1".parse().unwrap()),
+        ];
+        let key = KeyPair::generate().unwrap();
+        let cert = params.self_signed(&key).unwrap();
+        let (_, parsed) = X509Certificate::from_der(cert.der()).unwrap();
+        let ext = parsed
+            .extensions()
+            .iter()
+            .find(|e| e.oid.to_id_string() == SAN_OID)
+            .unwrap();
+        assert_eq!(san_der(&names), ext.value);
     }
 
     #[test]

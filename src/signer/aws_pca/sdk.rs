@@ -3,6 +3,7 @@
 
 use std::time::Duration;
 
+use aws_credential_types::provider::error::CredentialsError;
 use aws_sdk_acmpca::Client;
 use aws_sdk_acmpca::config::retry::RetryConfig;
 use aws_sdk_acmpca::config::timeout::TimeoutConfig;
@@ -15,7 +16,7 @@ use super::api::{
     ApiError, CaDescription, CertificateAndChain, ExtendedKeyUsage, IssueRequest, PcaApi,
     ValidityKind,
 };
-use crate::signer::BoxFuture;
+use futures::future::BoxFuture;
 
 /// How long one request may take, including connecting.
 const ATTEMPT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -54,6 +55,9 @@ impl SdkPcaClient {
     }
 }
 
+/// Classifies an SDK error by its type: a service error by its code
+/// ([`ProvideErrorMetadata::code`]), a failure to load credentials by the
+/// [`CredentialsError`] in its source chain, the rest as transient.
 fn classify<E>(err: SdkError<E, aws_sdk_acmpca::config::http::HttpResponse>) -> ApiError
 where
     E: ProvideErrorMetadata + std::error::Error + Send + Sync + 'static,
@@ -67,7 +71,7 @@ where
         SdkError::TimeoutError(_) => ApiError::Transient("request timed out".into()),
         SdkError::DispatchFailure(_) | SdkError::ConstructionFailure(_) => {
             let text = DisplayErrorContext(&err).to_string();
-            if text.contains("credential") {
+            if credentials_failed(&err) {
                 ApiError::Credentials(text)
             } else {
                 ApiError::Transient(text)
@@ -79,6 +83,19 @@ where
         )),
         _ => ApiError::Transient(DisplayErrorContext(&err).to_string()),
     }
+}
+
+/// Whether `err` was caused by the credentials provider (none found, or it failed), rather
+/// than by the connection.
+fn credentials_failed(err: &(dyn std::error::Error + 'static)) -> bool {
+    let mut cause = Some(err);
+    while let Some(e) = cause {
+        if e.is::<CredentialsError>() {
+            return true;
+        }
+        cause = e.source();
+    }
+    false
 }
 
 fn missing(what: &str) -> ApiError {
@@ -248,5 +265,85 @@ impl PcaApi for SdkPcaClient {
                 .map_err(classify)?;
             cert_and_chain(out.certificate(), out.certificate_chain())
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use aws_sdk_acmpca::config::{Credentials, SharedCredentialsProvider};
+    use aws_sdk_acmpca::error::ConnectorError;
+
+    /// A credentials provider that finds nothing, like the default chain on a machine without
+    /// credentials.
+    #[derive(Debug)]
+    struct NoCredentials;
+
+    impl aws_sdk_acmpca::config::ProvideCredentials for NoCredentials {
+        fn provide_credentials<'a>(
+            &'a self,
+        ) -> aws_credential_types::provider::future::ProvideCredentials<'a>
+        where
+            Self: 'a,
+        {
+            aws_credential_types::provider::future::ProvideCredentials::ready(Err(
+                CredentialsError::not_loaded("no providers in chain provided credentials"),
+            ))
+        }
+    }
+
+    /// A client for a closed loopback port with `credentials`.
+    async fn client_to_closed_port(credentials: SharedCredentialsProvider) -> SdkPcaClient {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("free port")
+            .port();
+        let conf = aws_sdk_acmpca::config::Builder::new()
+            .behavior_version(BehaviorVersion::latest())
+            .region(Region::new("eu-west-1"))
+            .credentials_provider(credentials)
+            .retry_config(RetryConfig::disabled())
+            .endpoint_url(format!("http://127.0.0.1:{port}"))
+            .build();
+        SdkPcaClient {
+            client: Client::from_conf(conf),
+        }
+    }
+
+    const ARN: &str = "arn:aws:acm-pca:eu-west-1:123456789012:certificate-authority/x";
+
+    #[tokio::test]
+    async fn missing_credentials_are_classified_by_the_sdk_error_type() {
+        let client = client_to_closed_port(SharedCredentialsProvider::new(NoCredentials)).await;
+        let err = client
+            .describe_certificate_authority(ARN)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ApiError::Credentials(_)), "{err:?}");
+    }
+
+    #[tokio::test]
+    async fn a_refused_connection_with_credentials_is_transient() {
+        let creds = Credentials::new("AKIDEXAMPLE", "secret", None, None, "test");
+        let client = client_to_closed_port(SharedCredentialsProvider::new(creds)).await;
+        let err = client
+            .describe_certificate_authority(ARN)
+            .await
+            .unwrap_err();
+        assert!(matches!(err, ApiError::Transient(_)), "{err:?}");
+    }
+
+    #[test]
+    fn a_message_mentioning_credentials_is_not_a_credentials_error() {
+        let io = std::io::Error::other("credential endpoint unreachable");
+        let dispatch: SdkError<aws_sdk_acmpca::Error, aws_sdk_acmpca::config::http::HttpResponse> =
+            SdkError::dispatch_failure(ConnectorError::io(io.into()));
+        assert!(matches!(classify(dispatch), ApiError::Transient(_)));
+        let dispatch: SdkError<aws_sdk_acmpca::Error, aws_sdk_acmpca::config::http::HttpResponse> =
+            SdkError::dispatch_failure(ConnectorError::other(
+                Box::new(CredentialsError::not_loaded_no_source()),
+                None,
+            ));
+        assert!(matches!(classify(dispatch), ApiError::Credentials(_)));
     }
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 use prometheus_client::metrics::gauge::Gauge;
 
 use super::PcaError;
-use super::api::PcaApi;
+use super::api::{CaDescription, PcaApi};
 use super::direct::DirectSigner;
 use super::intermediate::{self, IntermediateRenewal, IntermediateSettings};
 use super::metrics::PcaMetrics;
@@ -59,6 +59,29 @@ pub async fn connect(
     start(api, opts, trust_domain, max_leaf_ttl, metrics, expiry).await
 }
 
+/// A CA in short-lived-certificate mode issues at most [`SHORT_LIVED_MAX`]: refuses the
+/// lifetime asked of it above that.
+fn check_short_lived_mode(
+    ca: &CaDescription,
+    opts: &AwsPcaOptions,
+    max_leaf_ttl: Duration,
+) -> Result<(), PcaError> {
+    if ca.usage_mode.as_deref() != Some("SHORT_LIVED_CERTIFICATE") {
+        return Ok(());
+    }
+    let (setting, ttl) = match opts.mode {
+        PcaMode::Direct => ("--max-ttl", max_leaf_ttl),
+        PcaMode::Intermediate => ("--pca-intermediate-ttl", opts.intermediate_ttl),
+    };
+    if ttl > SHORT_LIVED_MAX {
+        return Err(PcaError::TooLongForShortLivedMode {
+            setting,
+            requested: humantime::format_duration(ttl).to_string(),
+        });
+    }
+    Ok(())
+}
+
 /// Checks that the CA is ACTIVE and can issue what we need (`DescribeCertificateAuthority`),
 /// takes the roots from `GetCertificateAuthorityCertificate` (the last, self-signed certificate
 /// of its chain), and starts the signer for `opts.mode`; in intermediate mode this mints the
@@ -93,19 +116,7 @@ pub async fn start(
         });
     }
     let algorithm = signing_algorithm(&ca.key_algorithm)?;
-    let short_lived = ca.usage_mode.as_deref() == Some("SHORT_LIVED_CERTIFICATE");
-    if short_lived {
-        let (setting, ttl) = match opts.mode {
-            PcaMode::Direct => ("--max-ttl", max_leaf_ttl),
-            PcaMode::Intermediate => ("--pca-intermediate-ttl", opts.intermediate_ttl),
-        };
-        if ttl > SHORT_LIVED_MAX {
-            return Err(PcaError::TooLongForShortLivedMode {
-                setting,
-                requested: humantime::format_duration(ttl).to_string(),
-            });
-        }
-    }
+    check_short_lived_mode(&ca, opts, max_leaf_ttl)?;
     let root = root_of(&upstream.ca_certificate().await?)?;
     let bundle = TrustBundle::from_ders(vec![root])
         .map_err(|e| PcaError::InvalidCertificate(e.to_string()))?;

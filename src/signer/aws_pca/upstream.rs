@@ -12,7 +12,7 @@ use super::PcaError;
 use super::api::{Api, ApiError, CaDescription, CertificateAndChain, IssueRequest, PcaApi};
 use super::limit::{Backoff, TokenBucket};
 use super::metrics::{KindLabels, PcaMetrics};
-use crate::signer::BoxFuture;
+use futures::future::BoxFuture;
 
 /// How hard to try.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
