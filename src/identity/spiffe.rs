@@ -196,4 +196,43 @@ mod tests {
             assert_eq!(SpiffeId::parse(uri), Err(want), "{uri}");
         }
     }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::super::*;
+
+        /// A Kubernetes name as the apiserver allows it (lowercase, digits, inner `-` and `.`).
+        fn k8s_name() -> impl Strategy<Value = String> {
+            "[a-z0-9]([a-z0-9.-]{0,30}[a-z0-9])?"
+        }
+
+        proptest! {
+            #[test]
+            fn spiffe_ids_of_valid_parts_format_as_spiffe_uris_that_parse_back_to_them(
+                td in "[a-z0-9._-]{1,40}",
+                ns in k8s_name(),
+                sa in k8s_name(),
+            ) {
+                let id = SpiffeId::for_service_account(&td, &ns, &sa).expect("valid parts");
+                let uri = id.to_string();
+                prop_assert_eq!(&uri, &format!("spiffe://{td}/ns/{ns}/sa/{sa}"));
+                prop_assert_eq!(SpiffeId::parse(&uri), Ok(id));
+            }
+
+            #[test]
+            fn any_string_either_fails_to_parse_as_a_spiffe_id_or_is_exactly_its_formatting(
+                uri in prop_oneof![
+                    any::<String>(),
+                    "spiffe://[a-zA-Z0-9./_-]{0,40}",
+                    "spiffe://[a-z._-]{0,8}/ns/[a-z.-]{0,4}/sa/[a-z.-]{0,4}(/[a-z]{0,2})?",
+                ],
+            ) {
+                if let Ok(id) = SpiffeId::parse(&uri) {
+                    prop_assert_eq!(id.to_string(), uri);
+                    prop_assert_eq!(SpiffeId::parse(&id.to_string()), Ok(id));
+                }
+            }
+        }
+    }
 }
