@@ -106,7 +106,11 @@ fn decode_json<T: for<'de> Deserialize<'de>>(part: &str) -> Result<T, PrecheckEr
     let bytes = URL_SAFE_NO_PAD
         .decode(part)
         .map_err(|_| PrecheckError::Malformed)?;
-    serde_json::from_slice(&bytes).map_err(|_| PrecheckError::Malformed)
+    // A JWS header and a JWT claims set are JSON objects (RFC 7515 §4, RFC 7519 §7.2). serde
+    // would also fill a struct from a JSON array, field by field in order: refuse that first.
+    let object: serde_json::Map<String, serde_json::Value> =
+        serde_json::from_slice(&bytes).map_err(|_| PrecheckError::Malformed)?;
+    serde_json::from_value(serde_json::Value::Object(object)).map_err(|_| PrecheckError::Malformed)
 }
 
 /// A NumericDate (seconds since the epoch) as a time.
@@ -279,6 +283,17 @@ mod tests {
                 "{t}"
             );
         }
+    }
+
+    #[test]
+    fn a_header_or_claims_set_that_is_a_json_array_is_malformed_even_if_its_values_fit_in_order() {
+        // Found by the token_precheck fuzz target: serde fills a struct from a JSON array
+        // field by field, so these passed as a valid header and claims (exp, nbf, aud, iss).
+        let array_claims = json!([NOW + 3600, NOW - 10, "istio-ca", "https://issuer", null]);
+        let t = token(json!({"alg": "ES256"}), array_claims);
+        assert_eq!(precheck().check(&t, now()), Err(PrecheckError::Malformed));
+        let t = token(json!(["ES256"]), claims());
+        assert_eq!(precheck().check(&t, now()), Err(PrecheckError::Malformed));
     }
 
     #[test]
