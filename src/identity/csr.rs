@@ -6,6 +6,7 @@
 
 use rustls_pki_types::CertificateSigningRequestDer;
 use rustls_pki_types::pem::PemObject;
+use x509_cert::der::Decode;
 use x509_parser::certification_request::X509CertificationRequest;
 use x509_parser::cri_attributes::ParsedCriAttribute;
 use x509_parser::extensions::{GeneralName, ParsedExtension};
@@ -179,6 +180,12 @@ pub fn check_csr(pem: &str, expected: &SpiffeId) -> Result<ValidatedCsr, CsrReje
     }
     let der = CertificateSigningRequestDer::from_pem_slice(pem.trim().as_bytes())
         .map_err(|_| CsrRejection::NotPem)?;
+    // x509-parser does not check every tag outside the signed part (a context-specific tag in
+    // place of the outer SEQUENCE, another class on the algorithm's OID): the der crate's strict
+    // decoding of the same structure refuses those.
+    if x509_cert::request::CertReq::from_der(der.as_ref()).is_err() {
+        return Err(CsrRejection::Malformed);
+    }
     let (rest, csr) =
         X509CertificationRequest::from_der(der.as_ref()).map_err(|_| CsrRejection::Malformed)?;
     if !rest.is_empty() {
@@ -594,6 +601,19 @@ mod tests {
             check_csr(&pem, &id()).unwrap_err(),
             CsrRejection::RsaKeySize { bits: 1024 }
         );
+    }
+
+    #[test]
+    fn a_csr_whose_outer_sequence_tag_is_changed_is_malformed() {
+        // Found by the property a_valid_csr_with_any_one_byte_changed_is_refused: 0x30 ^ 0xa0.
+        let key = KeyPair::generate_for(&rcgen::PKCS_ED25519).unwrap();
+        let csr = params(vec![uri(&id().to_string())])
+            .serialize_request(&key)
+            .unwrap();
+        let mut der = csr.der().to_vec();
+        der[0] ^= 0xa0;
+        let pem = crate::pem::cert_to_pem(&der).replace("CERTIFICATE", "CERTIFICATE REQUEST");
+        assert_eq!(check_csr(&pem, &id()).unwrap_err(), CsrRejection::Malformed);
     }
 
     mod properties {
