@@ -417,17 +417,15 @@ fn parse_duration(
     }
 }
 
+/// Reads the YAML file. serde-saphyr (pure safe Rust) reports the line and column of what is
+/// wrong, and refuses a key given twice instead of keeping one of them.
 fn load_file(path: &Path) -> Result<ServerArgs, ConfigError> {
     let err = |message: String| ConfigError::File {
         path: path.display().to_string(),
         message,
     };
     let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
-    config::Config::builder()
-        .add_source(config::File::from_str(&text, config::FileFormat::Yaml))
-        .build()
-        .and_then(|c| c.try_deserialize::<ServerArgs>())
-        .map_err(|e| err(e.to_string()))
+    serde_saphyr::from_str::<ServerArgs>(&text).map_err(|e| err(e.to_string()))
 }
 
 macro_rules! merge {
@@ -1766,6 +1764,63 @@ mod tests {
         );
         // Intermediate mode signs locally: the general default applies.
         assert_eq!(pca().validate().unwrap().min_ttl, Duration::from_secs(600));
+    }
+
+    #[test]
+    fn a_yaml_number_or_boolean_for_a_text_setting_is_read_as_its_text() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.yaml");
+        std::fs::write(
+            &path,
+            "cluster-id: 1234\ntrust-domain: true\nca-dir: /tmp/x\n",
+        )
+        .unwrap();
+        let c = ServerArgs {
+            config: Some(path),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(
+            (c.cluster_id.as_str(), c.trust_domain.as_str()),
+            ("1234", "true")
+        );
+    }
+
+    #[test]
+    fn a_key_given_twice_or_a_value_of_the_wrong_type_is_refused_with_its_line() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.yaml");
+        for (text, line) in [
+            ("ca-dir: /tmp/x\nmax-ttl: 1h\nmax-ttl: 2h\n", "line 3"),
+            ("ca-dir: /tmp/x\nissuance-burst: lots\n", "line 2"),
+            ("ca-dir: /tmp/x\naudiences: {a: b}\n", "line 2"),
+        ] {
+            std::fs::write(&path, text).unwrap();
+            let err = ServerArgs {
+                config: Some(path.clone()),
+                ..Default::default()
+            }
+            .resolve()
+            .unwrap_err();
+            assert!(matches!(err, ConfigError::File { .. }), "{err}");
+            assert!(err.to_string().contains(line), "{text:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn an_empty_yaml_file_sets_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.yaml");
+        std::fs::write(&path, "# nothing set here\n").unwrap();
+        let c = ServerArgs {
+            config: Some(path),
+            ca_dir: Some("/tmp/x".into()),
+            ..Default::default()
+        }
+        .resolve()
+        .unwrap();
+        assert_eq!(c.trust_domain, "cluster.local");
     }
 
     #[test]

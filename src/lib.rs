@@ -25,7 +25,7 @@ pub mod cluster;
 pub mod config;
 #[cfg(feature = "server")]
 pub(crate) mod controller;
-pub(crate) mod digest;
+pub(crate) mod crypto;
 pub mod identity;
 pub mod pem;
 pub mod proto;

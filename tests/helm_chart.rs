@@ -40,18 +40,51 @@ fn rendered_configs() -> Option<Vec<(String, PathBuf)>> {
 }
 
 /// The file as a generic key/value tree, to compare with what the server made of it.
-fn raw(path: &Path) -> config::Config {
-    config::Config::builder()
-        .add_source(config::File::from(path).format(config::FileFormat::Yaml))
-        .build()
+fn raw(path: &Path) -> RawFile {
+    let text = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    serde_saphyr::from_str::<serde_json::Value>(&text)
+        .map(RawFile)
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
-fn strings(file: &config::Config, key: &str) -> Vec<String> {
+/// A rendered config file's top-level keys, read as a YAML reader reads scalars: a number or a
+/// boolean is also its text.
+struct RawFile(serde_json::Value);
+
+impl RawFile {
+    fn get(&self, key: &str) -> Result<&serde_json::Value, String> {
+        self.0.get(key).ok_or_else(|| format!("{key} is not set"))
+    }
+    fn get_string(&self, key: &str) -> Result<String, String> {
+        match self.get(key)? {
+            serde_json::Value::String(s) => Ok(s.clone()),
+            v @ (serde_json::Value::Number(_) | serde_json::Value::Bool(_)) => Ok(v.to_string()),
+            v => Err(format!("{key}: {v} is not a scalar")),
+        }
+    }
+    fn get_bool(&self, key: &str) -> Result<bool, String> {
+        self.get(key)?
+            .as_bool()
+            .ok_or_else(|| format!("{key} is not a boolean"))
+    }
+    fn get_int(&self, key: &str) -> Result<i64, String> {
+        self.get(key)?
+            .as_i64()
+            .ok_or_else(|| format!("{key} is not an integer"))
+    }
+    fn get_array(&self, key: &str) -> Result<Vec<serde_json::Value>, String> {
+        self.get(key)?
+            .as_array()
+            .cloned()
+            .ok_or_else(|| format!("{key} is not a list"))
+    }
+}
+
+fn strings(file: &RawFile, key: &str) -> Vec<String> {
     file.get_array(key)
         .unwrap_or_else(|e| panic!("{key}: {e}"))
         .into_iter()
-        .map(|v| v.into_string().expect("a string"))
+        .map(|v| v.as_str().expect("a string").to_owned())
         .collect()
 }
 
@@ -166,11 +199,7 @@ fn every_rendered_config_file_is_accepted_by_meshid_server() {
 }
 
 /// The value of `key` in the file as a duration, or `default` when the chart rendered none.
-fn duration_or(
-    file: &config::Config,
-    key: &str,
-    default: std::time::Duration,
-) -> std::time::Duration {
+fn duration_or(file: &RawFile, key: &str, default: std::time::Duration) -> std::time::Duration {
     match file.get_string(key) {
         Ok(text) => humantime::parse_duration(&text).unwrap_or_else(|e| panic!("{key}: {e}")),
         Err(_) => default,
@@ -178,7 +207,7 @@ fn duration_or(
 }
 
 /// The value of `key` in the file as a number, or `default` when the chart rendered none.
-fn number_or(file: &config::Config, key: &str, default: u64) -> u64 {
+fn number_or(file: &RawFile, key: &str, default: u64) -> u64 {
     match file.get_int(key) {
         Ok(n) => u64::try_from(n).unwrap_or_else(|_| panic!("{key}: {n} is negative")),
         Err(_) => default,

@@ -126,7 +126,7 @@ pub async fn start_agent(
     config: AgentConfig,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<AgentHandle, AgentError> {
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+    crate::crypto::install_provider();
     let s = config.validate()?;
     let trust = CaTrust::new(&read_ca_roots(&s.ca_root_file).await?);
     let client = CaClient::following(

@@ -84,10 +84,7 @@ impl ServerHandle {
     }
 }
 
-/// Installs aws-lc-rs as the process-wide rustls provider (idempotent).
-pub fn install_crypto_provider() {
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
-}
+pub use crate::crypto::install_provider as install_crypto_provider;
 
 /// Starts the server described by `cfg`; it drains and stops when `shutdown` completes.
 ///

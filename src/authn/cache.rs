@@ -11,7 +11,7 @@ use std::num::NonZeroUsize;
 use std::sync::Mutex;
 use std::time::{Duration, Instant, SystemTime};
 
-use crate::digest::Sha256;
+use crate::crypto::Sha256;
 use lru::LruCache;
 
 use super::{AuthnError, Caller, TokenClaims};

@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::path::Path;
 
-use crate::digest::Sha256;
+use crate::crypto::Sha256;
 
 use super::{Authenticator, AuthnError, Caller};
 use crate::identity::SpiffeId;

@@ -321,28 +321,49 @@ impl<L: PodLookup + 'static> ImpersonationAuthorizer for NodeAuthorizer<L> {
         target: &'a SpiffeId,
     ) -> BoxFuture<'a, Result<(), AuthzError>> {
         Box::pin(async move {
-            let id = &caller.identity;
-            if !self
-                .trusted
-                .iter()
-                .any(|(ns, sa)| ns == id.namespace() && sa == id.service_account())
-            {
-                return Err(Denial::NotTrusted.into());
-            }
-            let node = self.caller_node(caller).await?;
-            if self
-                .identity_on_node(&caller.cluster, &node, target)
-                .await?
-            {
-                Ok(())
-            } else {
-                Err(Denial::NotOnNode {
-                    target: target.to_string(),
-                    node,
+            let result = self.decide(caller, target).await;
+            match &result {
+                Ok(()) => {
+                    tracing::debug!(%target, "impersonation authorized: on the caller's node")
                 }
-                .into())
+                Err(AuthzError::Unavailable(e)) => tracing::warn!(
+                    error = %e,
+                    cluster = %caller.cluster,
+                    %target,
+                    "node authorization unavailable; failing closed"
+                ),
+                Err(AuthzError::Denied(_)) => {}
             }
+            result
         })
+    }
+}
+
+impl<L: PodLookup + 'static> NodeAuthorizer<L> {
+    /// Whether `caller` may have a certificate for `target`: it is a trusted node agent, and
+    /// `target` runs on the node its pod runs on.
+    async fn decide(&self, caller: &Caller, target: &SpiffeId) -> Result<(), AuthzError> {
+        let id = &caller.identity;
+        if !self
+            .trusted
+            .iter()
+            .any(|(ns, sa)| ns == id.namespace() && sa == id.service_account())
+        {
+            return Err(Denial::NotTrusted.into());
+        }
+        let node = self.caller_node(caller).await?;
+        if self
+            .identity_on_node(&caller.cluster, &node, target)
+            .await?
+        {
+            Ok(())
+        } else {
+            Err(Denial::NotOnNode {
+                target: target.to_string(),
+                node,
+            }
+            .into())
+        }
     }
 }
 

@@ -133,7 +133,7 @@ mod tests {
 
     #[tokio::test]
     async fn istioctl_s_remote_secret_kubeconfig_builds_a_client() {
-        crate::app::install_crypto_provider();
+        crate::crypto::install_provider();
         let kc = istioctl_kubeconfig("https://127.0.0.1:6443");
         client_from_secret(kc.as_bytes()).await.unwrap();
     }

@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::digest::Sha256;
+use crate::crypto::Sha256;
 use k8s_openapi::api::authorization::v1::{
     ResourceAttributes, SelfSubjectAccessReview, SelfSubjectAccessReviewSpec,
 };
@@ -521,7 +521,7 @@ mod tests {
     use super::*;
 
     fn client() -> kube::Client {
-        crate::app::install_crypto_provider();
+        crate::crypto::install_provider();
         let config = kube::Config::new("https://127.0.0.1:1".parse().unwrap());
         kube::Client::try_from(config).unwrap()
     }

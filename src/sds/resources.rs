@@ -1,6 +1,6 @@
 //! The two SDS resources the agent serves, built from the current SVID.
 
-use crate::digest::Sha256;
+use crate::crypto::Sha256;
 use envoy_types::pb::envoy::config::core::v3::{DataSource, data_source::Specifier};
 use envoy_types::pb::envoy::extensions::transport_sockets::tls::v3::{
     CertificateValidationContext, Secret, TlsCertificate, secret,

@@ -3,6 +3,7 @@
 //! current roots → respond.
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use prost_types::value::Kind;
@@ -10,6 +11,7 @@ use time::OffsetDateTime;
 use tokio::sync::watch;
 use tonic::metadata::MetadataMap;
 use tonic::{Request, Response, Status};
+use tracing::Instrument;
 
 use super::Rejection;
 use super::issuance_limit::{Admission, IssuanceKey, IssuanceLimiter};
@@ -187,6 +189,7 @@ impl CaService {
         let token = bearer_token(metadata)?;
         let cluster = cluster_header(metadata)?;
         let caller = inner.authn.authenticate(cluster, token).await?;
+        tracing::Span::current().record("caller", tracing::field::display(&caller.identity));
         let identity = self.target_identity(&caller, req).await?;
         self.check_rate(&caller, &identity)?;
         let csr = check_csr(&req.csr, &identity)?;
@@ -327,6 +330,13 @@ fn verify_issued(
     }
 }
 
+/// Numbers the requests this process serves, so that the lines one request causes can be
+/// found together (with the pod name, unique across replicas).
+fn next_request_id() -> u64 {
+    static NEXT: AtomicU64 = AtomicU64::new(1);
+    NEXT.fetch_add(1, Ordering::Relaxed)
+}
+
 /// Longest bearer token accepted; service-account tokens are 1–2 KiB.
 const MAX_TOKEN_BYTES: usize = 16 * 1024;
 
@@ -376,11 +386,19 @@ impl IstioCertificateService for CaService {
         request: Request<IstioCertificateRequest>,
     ) -> Result<Response<IstioCertificateResponse>, Status> {
         let started = Instant::now();
-        // Formatted only when the audit line is written. No span: the JSON log format would
-        // re-parse a span's fields for every line, which costs more than the line itself.
         let peer = Peer(request.remote_addr());
+        let request_id = next_request_id();
+        // Every line logged while this request is served (TokenReview, node authorization,
+        // the signer) carries its id, the peer and, once authenticated, the caller. The audit
+        // line below is written outside the span and names the same request id.
+        let span = tracing::info_span!(
+            "create_certificate",
+            request_id,
+            %peer,
+            caller = tracing::field::Empty,
+        );
         let (metadata, _, req) = request.into_parts();
-        let result = self.issue(&metadata, &req).await;
+        let result = self.issue(&metadata, &req).instrument(span).await;
         let metrics = &self.inner.metrics;
         match result {
             Ok(issued) => {
@@ -399,6 +417,7 @@ impl IstioCertificateService for CaService {
                     caller = %issued.caller,
                     cluster = %issued.cluster,
                     %peer,
+                    request_id,
                     latency_us = latency.as_micros() as u64,
                     "certificate issued"
                 );
@@ -415,7 +434,14 @@ impl IstioCertificateService for CaService {
                         reason,
                     })
                     .inc();
-                tracing::warn!(target: "meshid::audit", reason, detail = %rejection, %peer, "certificate request rejected");
+                tracing::warn!(
+                    target: "meshid::audit",
+                    reason,
+                    detail = %rejection,
+                    %peer,
+                    request_id,
+                    "certificate request rejected"
+                );
                 Err(rejection.to_status())
             }
         }
@@ -565,5 +591,139 @@ mod tests {
             cluster_header(&m),
             Err(Rejection::Authn(AuthnError::UnknownCluster))
         ));
+    }
+
+    /// Accepts every token as `ns/sa`, logging a line as the TokenReview path does.
+    struct LoggingAuthn;
+
+    impl Authenticator for LoggingAuthn {
+        fn authenticate<'a>(
+            &'a self,
+            _cluster: Option<&'a str>,
+            _token: &'a str,
+        ) -> futures::future::BoxFuture<'a, Result<Caller, AuthnError>> {
+            Box::pin(async move {
+                tracing::info!("token reviewed");
+                Ok(Caller {
+                    identity: SpiffeId::for_service_account("td", "ns", "sa").unwrap(),
+                    cluster: "local".into(),
+                    username: "system:serviceaccount:ns:sa".into(),
+                    pod: None,
+                })
+            })
+        }
+    }
+
+    /// Denies every impersonation, logging a line as the node authorizer does.
+    struct LoggingDeny;
+
+    impl ImpersonationAuthorizer for LoggingDeny {
+        fn authorize<'a>(
+            &'a self,
+            _caller: &'a Caller,
+            _target: &'a SpiffeId,
+        ) -> futures::future::BoxFuture<'a, Result<(), crate::authz::AuthzError>> {
+            Box::pin(async move {
+                tracing::info!("node checked");
+                Err(crate::authz::Denial::NotTrusted.into())
+            })
+        }
+    }
+
+    fn request(csr: &str, impersonate: Option<&str>) -> Request<IstioCertificateRequest> {
+        let metadata = impersonate.map(|target| prost_types::Struct {
+            fields: [(
+                IMPERSONATED_IDENTITY.to_string(),
+                prost_types::Value {
+                    kind: Some(Kind::StringValue(target.into())),
+                },
+            )]
+            .into(),
+        });
+        let mut r = Request::new(IstioCertificateRequest {
+            csr: csr.into(),
+            validity_duration: 3600,
+            metadata,
+        });
+        r.metadata_mut()
+            .insert("authorization", "Bearer t".parse().unwrap());
+        r
+    }
+
+    #[tokio::test(flavor = "current_thread")]
+    async fn lines_logged_while_serving_a_request_carry_its_id_its_peer_and_its_caller() {
+        let buf = crate::telemetry::SharedBuf::default();
+        let (dispatch, guard) = crate::telemetry::build_logging(
+            crate::telemetry::LogFormat::Json,
+            "info",
+            buf.clone(),
+            false,
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let signer = crate::signer::LocalSigner::load_or_generate(dir.path(), "td").unwrap();
+        let (_tx, trust) = watch::channel(bundle_of(&signer));
+        let service = CaService::new(CaServiceOptions {
+            authn: Arc::new(LoggingAuthn),
+            signer: Arc::new(signer),
+            trust,
+            durations: Durations {
+                default: Duration::from_secs(3600),
+                min: Duration::from_secs(60),
+                max: Duration::from_secs(86400),
+                max_backdate: Duration::from_secs(60),
+            },
+            trust_domain: "td".into(),
+            impersonation: Some(Arc::new(LoggingDeny)),
+            metrics: ServerMetrics::new(),
+            limiter: None,
+        });
+        let own = SpiffeId::for_service_account("td", "ns", "sa").unwrap();
+        let (_key, csr) =
+            crate::svid::generate_csr(&own, crate::svid::WorkloadKeyType::EcdsaP256).unwrap();
+        {
+            let _default = tracing::dispatcher::set_default(&dispatch);
+            let issued = service.create_certificate(request(&csr, None)).await;
+            assert!(issued.is_ok(), "{issued:?}");
+            let denied = service
+                .create_certificate(request(&csr, Some("spiffe://td/ns/other/sa/x")))
+                .await;
+            assert_eq!(denied.unwrap_err().code(), tonic::Code::PermissionDenied);
+        }
+        drop(dispatch);
+        drop(guard);
+        let lines: Vec<serde_json::Value> = buf
+            .text()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect();
+        let find = |message: &str| -> Vec<&serde_json::Value> {
+            lines.iter().filter(|l| l["message"] == message).collect()
+        };
+        let reviewed = find("token reviewed");
+        let audited: Vec<_> = lines
+            .iter()
+            .filter(|l| l["target"] == "meshid::audit")
+            .collect();
+        assert_eq!((reviewed.len(), audited.len()), (2, 2), "{lines:?}");
+        for (review, audit) in reviewed.iter().zip(&audited) {
+            let span = &review["spans"][0];
+            assert_eq!(span["name"], "create_certificate", "{review}");
+            assert_eq!(span["peer"], "unknown", "{review}");
+            // The audit line, written outside the span, names the same request.
+            assert_eq!(span["request_id"], audit["request_id"], "{review} {audit}");
+            // Authentication has not finished when the reviewer logs.
+            assert!(span.get("caller").is_none(), "{review}");
+        }
+        assert_ne!(audited[0]["request_id"], audited[1]["request_id"]);
+        let checked = find("node checked");
+        assert_eq!(checked.len(), 1, "{lines:?}");
+        let span = &checked[0]["spans"][0];
+        assert_eq!(span["caller"], "spiffe://td/ns/ns/sa/sa", "{span}");
+        assert_eq!(span["request_id"], audited[1]["request_id"], "{span}");
+        assert_eq!(
+            audited[1]["reason"], "impersonation_denied",
+            "{:?}",
+            audited[1]
+        );
     }
 }

@@ -131,7 +131,7 @@ impl<W: std::io::Write> std::io::Write for SharedWriter<W> {
 }
 
 /// The subscriber (not installed) and the guard of its writer threads.
-fn build(
+pub(crate) fn build(
     format: LogFormat,
     default_level: &str,
     writer: impl std::io::Write + Send + 'static,

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use crate::digest::Sha256;
+use crate::crypto::Sha256;
 use base64::Engine;
 use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair};
 use rustls_pki_types::CertificateDer;

@@ -1,8 +1,15 @@
-//! SHA-256 from aws-lc-rs, the crypto library rustls already links, so that no second SHA-2
-//! implementation is compiled in. Used for cache keys, idempotency tokens and resource versions;
-//! never for anything that needs a secret-dependent constant-time comparison.
+//! aws-lc-rs, the crypto library rustls links: the process-wide rustls provider, and SHA-256
+//! from it, so that no second SHA-2 implementation is compiled in. The digest is used for cache
+//! keys, idempotency tokens and resource versions; never for anything that needs a
+//! secret-dependent constant-time comparison.
 
 use aws_lc_rs::digest::{Context, SHA256};
+
+/// Installs aws-lc-rs as the process-wide rustls provider (idempotent). rustls cannot choose
+/// one itself when, as here, kube's and the AWS SDK's features name more than one.
+pub fn install_provider() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}
 
 /// An incremental SHA-256.
 pub(crate) struct Sha256(Context);
