@@ -420,6 +420,28 @@ mod tests {
         }
     }
 
+    impl Pods {
+        /// One apiserver read: counted, failed when `down`, answered by `pick` from the pods
+        /// of `cluster/ns`, and held at the gate before it returns.
+        fn answer<'a, T: Send + 'a>(
+            &'a self,
+            cluster: &str,
+            ns: &str,
+            pick: impl FnOnce(Vec<&'a Pod>) -> T,
+        ) -> BoxFuture<'a, Result<T, BackendError>> {
+            let ns = format!("{cluster}/{ns}");
+            let answer = self.read().map(|gate| {
+                let in_ns = self.0.iter().filter(|(n, _)| *n == ns).map(|(_, p)| p);
+                (gate, pick(in_ns.collect()))
+            });
+            Box::pin(async move {
+                let (gate, v) = answer?;
+                wait(gate).await;
+                Ok(v)
+            })
+        }
+    }
+
     impl PodLookup for Pods {
         fn get_pod<'a>(
             &'a self,
@@ -427,19 +449,10 @@ mod tests {
             ns: &'a str,
             name: &'a str,
         ) -> BoxFuture<'a, Result<Option<Pod>, BackendError>> {
-            let ns = format!("{cluster}/{ns}");
-            let gate = match self.read() {
-                Ok(g) => g,
-                Err(e) => return Box::pin(async move { Err(e) }),
-            };
-            let p = self
-                .0
-                .iter()
-                .find(|(n, p)| *n == ns && p.metadata.name.as_deref() == Some(name))
-                .map(|(_, p)| p.clone());
-            Box::pin(async move {
-                wait(gate).await;
-                Ok(p)
+            self.answer(cluster, ns, |pods| {
+                pods.into_iter()
+                    .find(|p| p.metadata.name.as_deref() == Some(name))
+                    .cloned()
             })
         }
         fn pods_on_node<'a>(
@@ -448,22 +461,11 @@ mod tests {
             ns: &'a str,
             node: &'a str,
         ) -> BoxFuture<'a, Result<Vec<Pod>, BackendError>> {
-            let ns = format!("{cluster}/{ns}");
-            let gate = match self.read() {
-                Ok(g) => g,
-                Err(e) => return Box::pin(async move { Err(e) }),
-            };
-            let v = self
-                .0
-                .iter()
-                .filter(|(n, p)| {
-                    *n == ns && p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node)
-                })
-                .map(|(_, p)| p.clone())
-                .collect();
-            Box::pin(async move {
-                wait(gate).await;
-                Ok(v)
+            self.answer(cluster, ns, |pods| {
+                pods.into_iter()
+                    .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node))
+                    .cloned()
+                    .collect()
             })
         }
     }
