@@ -25,7 +25,9 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::AsyncWrite;
+
+use super::io_wrapper::pass_reads_through;
 
 /// Bytes buffered before a write must drain to the transport first.
 pub const MAX_BUFFERED: usize = 64 * 1024;
@@ -78,25 +80,7 @@ impl<T: AsyncWrite + Unpin> CoalescingIo<T> {
     }
 }
 
-impl<T: tonic::transport::server::Connected> tonic::transport::server::Connected
-    for CoalescingIo<T>
-{
-    type ConnectInfo = T::ConnectInfo;
-
-    fn connect_info(&self) -> Self::ConnectInfo {
-        self.inner.connect_info()
-    }
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for CoalescingIo<T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
+pass_reads_through!(CoalescingIo);
 
 impl<T: AsyncWrite + Unpin> AsyncWrite for CoalescingIo<T> {
     fn poll_write(

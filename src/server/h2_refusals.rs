@@ -25,9 +25,10 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::AsyncWrite;
 
 use super::Refusals;
+use super::io_wrapper::pass_reads_through;
 
 const DATA: u8 = 0x0;
 const HEADERS: u8 = 0x1;
@@ -242,25 +243,7 @@ impl<T> RefusalWatch<T> {
     }
 }
 
-impl<T: tonic::transport::server::Connected> tonic::transport::server::Connected
-    for RefusalWatch<T>
-{
-    type ConnectInfo = T::ConnectInfo;
-
-    fn connect_info(&self) -> Self::ConnectInfo {
-        self.inner.connect_info()
-    }
-}
-
-impl<T: AsyncRead + Unpin> AsyncRead for RefusalWatch<T> {
-    fn poll_read(
-        mut self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        buf: &mut ReadBuf<'_>,
-    ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
-    }
-}
+pass_reads_through!(RefusalWatch);
 
 impl<T: AsyncWrite + Unpin> AsyncWrite for RefusalWatch<T> {
     fn poll_write(

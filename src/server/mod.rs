@@ -5,6 +5,7 @@ mod ca_service;
 mod coalesce;
 mod h2_refusals;
 mod http;
+mod io_wrapper;
 mod issuance_limit;
 mod limits;
 mod rejection;
