@@ -10,115 +10,56 @@
 //!
 //! `cargo bench --bench abusive_clients`
 
+#[path = "common/child.rs"]
+mod child;
 #[path = "../tests/common/raw_h2.rs"]
 mod raw_h2;
 
-use std::io::{Read, Write};
-use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
+use child::{ChildServer, rss_mib};
 use raw_h2::*;
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 
 const TOKEN: &str = "bench-token";
 
-struct Server {
-    child: Child,
-    grpc: SocketAddr,
-    root_pem: String,
-    _dir: tempfile::TempDir,
+/// `meshid server` with its default limits, a self-generated root and the static token
+/// [`TOKEN`], and the directory that holds them.
+fn start_server(extra: &[&str]) -> (ChildServer, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let tokens = dir.path().join("tokens.csv");
+    std::fs::write(&tokens, format!("{TOKEN},default,bench\n")).unwrap();
+    let tokens = tokens.to_str().expect("a UTF-8 temporary path");
+    let args = ["--static-tokens", tokens]
+        .into_iter()
+        .chain(extra.iter().copied());
+    let server = ChildServer::start(&dir.path().join("ca"), args);
+    (server, dir)
 }
 
-fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
-fn ready(http: SocketAddr) -> bool {
-    let Ok(mut s) = std::net::TcpStream::connect(http) else {
-        return false;
-    };
-    let _ = write!(
-        s,
-        "GET /readyz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
+/// SIGTERM, then the time until the process has exited.
+fn terminate(server: &mut ChildServer) -> Duration {
+    let sent = Instant::now();
+    assert!(
+        Command::new("kill")
+            .args(["-TERM", &server.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success()
     );
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    out.contains("200 OK")
-}
-
-impl Server {
-    fn start(extra: &[&str]) -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let tokens = dir.path().join("tokens.csv");
-        std::fs::write(&tokens, format!("{TOKEN},default,bench\n")).unwrap();
-        let (grpc, http) = (free_addr(), free_addr());
-        let child = Command::new(env!("CARGO_BIN_EXE_meshid"))
-            .arg("server")
-            .args(["--listen", &grpc.to_string()])
-            .args(["--http-listen", &http.to_string()])
-            .arg("--ca-dir")
-            .arg(dir.path().join("ca"))
-            .arg("--static-tokens")
-            .arg(&tokens)
-            .args(extra)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("meshid binary");
-        let started = Instant::now();
-        while !ready(http) {
-            assert!(started.elapsed() < Duration::from_secs(30), "no start");
-            std::thread::sleep(Duration::from_millis(50));
+    loop {
+        if server.child.try_wait().unwrap().is_some() {
+            return sent.elapsed();
         }
-        let root_pem = std::fs::read_to_string(dir.path().join("ca/root-cert.pem")).unwrap();
-        Self {
-            child,
-            grpc,
-            root_pem,
-            _dir: dir,
+        if sent.elapsed() > Duration::from_secs(120) {
+            let _ = server.child.kill();
+            let _ = server.child.wait();
+            return sent.elapsed();
         }
+        std::thread::sleep(Duration::from_millis(5));
     }
-
-    fn rss_mib(&self) -> f64 {
-        rss_kib(self.child.id()) as f64 / 1024.0
-    }
-
-    /// SIGTERM, then the time until the process has exited.
-    fn terminate(&mut self) -> Duration {
-        let sent = Instant::now();
-        assert!(
-            Command::new("kill")
-                .args(["-TERM", &self.child.id().to_string()])
-                .status()
-                .unwrap()
-                .success()
-        );
-        loop {
-            if self.child.try_wait().unwrap().is_some() {
-                return sent.elapsed();
-            }
-            if sent.elapsed() > Duration::from_secs(120) {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                return sent.elapsed();
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
-}
-
-fn rss_kib(pid: u32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap()
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or(0)
 }
 
 async fn settle() {
@@ -127,7 +68,7 @@ async fn settle() {
 
 /// `streams` half-open CreateCertificate streams on one new connection; the server's answers are
 /// read (and dropped) in the background so that its writes never block.
-async fn half_open(server: &Server, streams: u32) -> tokio::task::JoinHandle<()> {
+async fn half_open(server: &ChildServer, streams: u32) -> tokio::task::JoinHandle<()> {
     let tls = tls_connect_to(server.grpc, &server.root_pem).await;
     let (mut rd, mut wr) = tokio::io::split(tls);
     let mut both = tokio::io::join(&mut rd, &mut wr);
@@ -148,18 +89,18 @@ async fn half_open(server: &Server, streams: u32) -> tokio::task::JoinHandle<()>
 }
 
 async fn idle_connections() {
-    let server = Server::start(&[]);
+    let (server, _dir) = start_server(&[]);
     settle().await;
-    let before = server.rss_mib();
+    let before = rss_mib(server.child.id());
     let mut conns = Vec::new();
     for _ in 0..1000 {
         conns.push(tls_connect_to(server.grpc, &server.root_pem).await);
     }
     settle().await;
-    let held = server.rss_mib();
+    let held = rss_mib(server.child.id());
     drop(conns);
     settle().await;
-    let after = server.rss_mib();
+    let after = rss_mib(server.child.id());
     println!(
         "1,000 idle TLS connections: RSS {before:.1} MiB before, {held:.1} MiB holding them \
          ({:.1} KiB each), {after:.1} MiB after they closed",
@@ -168,28 +109,28 @@ async fn idle_connections() {
 }
 
 async fn half_open_streams() {
-    let mut server = Server::start(&[]);
+    let (mut server, _dir) = start_server(&[]);
     settle().await;
-    let before = server.rss_mib();
+    let before = rss_mib(server.child.id());
     let one = half_open(&server, 10_000).await;
     settle().await;
-    let one_conn = server.rss_mib();
+    let one_conn = rss_mib(server.child.id());
     one.abort();
     println!(
         "10,000 half-open streams attempted on one connection (100 admitted): RSS {before:.1} MiB \
          before, {one_conn:.1} MiB during"
     );
-    server.terminate();
+    terminate(&mut server);
 
-    let mut server = Server::start(&[]);
+    let (mut server, _dir) = start_server(&[]);
     settle().await;
-    let before = server.rss_mib();
+    let before = rss_mib(server.child.id());
     let mut readers = Vec::new();
     for _ in 0..100 {
         readers.push(half_open(&server, 100).await);
     }
     settle().await;
-    let during = server.rss_mib();
+    let during = rss_mib(server.child.id());
     for r in readers {
         r.abort();
     }
@@ -198,11 +139,11 @@ async fn half_open_streams() {
          {during:.1} MiB during ({:.1} KiB per stream)",
         (during - before) * 1024.0 / 10_000.0
     );
-    server.terminate();
+    terminate(&mut server);
 }
 
 async fn sigterm_with_stalled_clients() {
-    let mut server = Server::start(&[]);
+    let (mut server, _dir) = start_server(&[]);
     let mut held: Vec<Box<dyn std::any::Any + Send>> = Vec::new();
     for _ in 0..50 {
         held.push(Box::new(TcpStream::connect(server.grpc).await.unwrap()));
@@ -230,7 +171,7 @@ async fn sigterm_with_stalled_clients() {
         held.push(Box::new(stops_reading));
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let took = tokio::task::block_in_place(|| server.terminate());
+    let took = tokio::task::block_in_place(|| terminate(&mut server));
     println!(
         "SIGTERM with 200 stalled clients (drain deadline 10s): exited after {:.2}s",
         took.as_secs_f64()

@@ -24,12 +24,13 @@
 //! `--`: `--junk N`, `--burst N`, `--rounds R`, `--cold N`, `--ratio-rounds R`, `--soak S`,
 //! `--only junk,burst,cold,soak`). Prints "skipped" without the harness.
 
+#[path = "common/child.rs"]
+mod child;
 #[path = "../tests/common/mod.rs"]
 mod common;
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::net::SocketAddr;
-use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
@@ -37,6 +38,7 @@ use futures::StreamExt as _;
 
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use child::{ChildServer, rss_mib};
 use common::kube::{Harness, TokenOptions, unix_now};
 use common::meshid::{http_get, metric_value, openssl_csr, openssl_key, write_token_kubeconfig};
 use common::proxy::TcpProxy;
@@ -97,18 +99,6 @@ unsafe extern "C" {
 
 fn live_mib() -> f64 {
     LIVE_BYTES.load(Ordering::Relaxed) as f64 / (1024.0 * 1024.0)
-}
-
-fn rss_mib(pid: u32) -> f64 {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
-        })
-        .unwrap_or(0.0)
-        / 1024.0
 }
 
 struct Opts {
@@ -442,79 +432,27 @@ async fn cold_ratio(b: &Bench, opts: &Opts, round: usize) {
     );
 }
 
-fn free_addr() -> SocketAddr {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-}
-
-fn ready(http: SocketAddr) -> bool {
-    use std::io::{Read, Write};
-    let Ok(mut s) = std::net::TcpStream::connect(http) else {
-        return false;
-    };
-    let _ = write!(
-        s,
-        "GET /readyz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
-    );
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    out.contains("200 OK")
-}
-
 /// The `meshid` binary reviewing tokens on the harness (through the counting proxy).
-struct ChildServer {
-    child: Child,
-    grpc: SocketAddr,
-    http: SocketAddr,
-    root_pem: String,
-}
-
-impl ChildServer {
-    fn start(b: &Bench) -> Self {
-        let (grpc, http) = (free_addr(), free_addr());
-        let ca = b.dir.path().join("child-ca");
-        let child = Command::new(env!("CARGO_BIN_EXE_meshid"))
-            .arg("server")
-            .args(["--listen", &grpc.to_string()])
-            .args(["--http-listen", &http.to_string()])
-            .arg("--ca-dir")
-            .arg(&ca)
-            .arg("--kubeconfig")
-            .arg(&b.kubeconfig)
-            .args(["--root-configmap", "false"])
-            .args(["--serving-hosts", "localhost"])
-            .args(["--issuance-burst", "0"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("meshid binary");
-        let started = Instant::now();
-        while !ready(http) {
-            assert!(started.elapsed() < Duration::from_secs(30), "no start");
-            std::thread::sleep(Duration::from_millis(100));
-        }
-        let root_pem = std::fs::read_to_string(ca.join("root-cert.pem")).unwrap();
-        Self {
-            child,
-            grpc,
-            http,
-            root_pem,
-        }
-    }
-}
-
-impl Drop for ChildServer {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
+fn start_child(b: &Bench) -> ChildServer {
+    let kubeconfig = b.kubeconfig.to_str().expect("a UTF-8 temporary path");
+    ChildServer::start(
+        &b.dir.path().join("child-ca"),
+        [
+            "--kubeconfig",
+            kubeconfig,
+            "--root-configmap",
+            "false",
+            "--serving-hosts",
+            "localhost",
+            "--issuance-burst",
+            "0",
+        ],
+    )
 }
 
 /// `seconds` of cold requests against the `meshid` binary, sampling its RSS every 10 s.
 async fn soak(b: &Bench, seconds: u64) {
-    let server = tokio::task::block_in_place(|| ChildServer::start(b));
+    let server = tokio::task::block_in_place(|| start_child(b));
     let pid = server.child.id();
     let channels = channels_to(server.grpc, &server.root_pem, 8).await;
     let ok = AtomicU64::new(0);
