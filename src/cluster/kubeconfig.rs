@@ -141,47 +141,39 @@ mod tests {
     #[tokio::test]
     async fn a_remote_secret_may_not_run_programs_read_files_or_skip_tls_checks() {
         let base = istioctl_kubeconfig("https://127.0.0.1:6443");
+        // The token's line replaced by another credential; a line added before the server's.
+        let user = |credential: &str| base.replace("    token: abc.def.ghi\n", credential);
+        let cluster = |line: &str| {
+            base.replace(
+                "    server: https://",
+                &format!("{line}    server: https://"),
+            )
+        };
         let cases = [
             (
-                base.replace(
-                    "    token: abc.def.ghi\n",
+                user(
                     "    exec:\n      apiVersion: client.authentication.k8s.io/v1\n      command: /bin/sh\n",
                 ),
                 KubeconfigError::Forbidden("exec"),
             ),
             (
-                base.replace(
-                    "    token: abc.def.ghi\n",
-                    "    auth-provider:\n      name: gcp\n",
-                ),
+                user("    auth-provider:\n      name: gcp\n"),
                 KubeconfigError::Forbidden("auth-provider"),
             ),
             (
-                base.replace(
-                    "    token: abc.def.ghi\n",
-                    "    tokenFile: /var/run/secrets/x\n",
-                ),
+                user("    tokenFile: /var/run/secrets/x\n"),
                 KubeconfigError::Forbidden("tokenFile"),
             ),
             (
-                base.replace(
-                    "    token: abc.def.ghi\n",
-                    "    client-key: /etc/meshid/ca-key.pem\n",
-                ),
+                user("    client-key: /etc/meshid/ca-key.pem\n"),
                 KubeconfigError::Forbidden("client-key (a file)"),
             ),
             (
-                base.replace(
-                    "    server: https://",
-                    "    certificate-authority: /etc/passwd\n    server: https://",
-                ),
+                cluster("    certificate-authority: /etc/passwd\n"),
                 KubeconfigError::Forbidden("certificate-authority (a file)"),
             ),
             (
-                base.replace(
-                    "    server: https://",
-                    "    insecure-skip-tls-verify: true\n    server: https://",
-                ),
+                cluster("    insecure-skip-tls-verify: true\n"),
                 KubeconfigError::Forbidden("insecure-skip-tls-verify"),
             ),
             (
