@@ -147,36 +147,28 @@ pub struct CaServiceOptions {
 impl CaService {
     /// Builds the service from `opts`.
     pub fn new(opts: CaServiceOptions) -> Self {
-        let CaServiceOptions {
-            authn,
-            signer,
-            trust,
-            durations,
-            trust_domain,
-            impersonation,
-            metrics,
-            limiter,
-        } = opts;
-        let issued = metrics
+        let issued = opts
+            .metrics
             .requests
             .get_or_create(&OutcomeLabels {
                 outcome: "issued",
                 reason: "none",
             })
             .clone();
+        let inner = Inner {
+            authn: opts.authn,
+            signer: opts.signer,
+            trust: opts.trust,
+            durations: opts.durations,
+            trust_domain: opts.trust_domain,
+            impersonation: opts.impersonation,
+            metrics: opts.metrics,
+            issued,
+            issuer_paths: IssuerPathCache::new(),
+            limiter: opts.limiter,
+        };
         Self {
-            inner: Arc::new(Inner {
-                authn,
-                signer,
-                trust,
-                durations,
-                trust_domain,
-                impersonation,
-                issued,
-                metrics,
-                issuer_paths: IssuerPathCache::new(),
-                limiter,
-            }),
+            inner: Arc::new(inner),
         }
     }
 
