@@ -10,6 +10,7 @@
 //! denial.
 
 use std::collections::HashMap;
+use std::hash::Hash;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -120,13 +121,37 @@ type CallerPod = (String, String);
 type NodeResult = Result<String, AuthzError>;
 type PlacementResult = Result<bool, BackendError>;
 
+/// Lookup results, each kept until it expires; expired entries are dropped on every insert.
+struct Expiring<K, V>(Mutex<HashMap<K, (Instant, V)>>);
+
+impl<K: Eq + Hash, V: Clone> Expiring<K, V> {
+    fn new() -> Self {
+        Self(Mutex::new(HashMap::new()))
+    }
+
+    /// The value kept for `key`, unless it has expired by `now`.
+    fn get(&self, key: &K, now: Instant) -> Option<V> {
+        let map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        map.get(key)
+            .filter(|(expiry, _)| *expiry > now)
+            .map(|(_, value)| value.clone())
+    }
+
+    /// Keeps `value` for `key` until `now + ttl`.
+    fn insert(&self, key: K, value: V, now: Instant, ttl: Duration) {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        map.retain(|_, (expiry, _)| *expiry > now);
+        map.insert(key, (now + ttl, value));
+    }
+}
+
 struct Inner<L> {
     lookup: L,
     limiter: ApiLimiter,
-    /// caller pod UID → (expiry, node name)
-    caller_nodes: Mutex<HashMap<CallerPod, (Instant, String)>>,
-    /// (node, ns, sa) → (expiry, allowed)
-    placements: Mutex<HashMap<Placement, (Instant, bool)>>,
+    /// (cluster, caller pod UID) → node name
+    caller_nodes: Expiring<CallerPod, String>,
+    /// (cluster, node, ns, sa) → allowed
+    placements: Expiring<Placement, bool>,
     api_calls: Counter,
 }
 
@@ -176,8 +201,8 @@ impl<L: PodLookup + 'static> NodeAuthorizer<L> {
             inner: Arc::new(Inner {
                 lookup,
                 limiter,
-                caller_nodes: Mutex::new(HashMap::new()),
-                placements: Mutex::new(HashMap::new()),
+                caller_nodes: Expiring::new(),
+                placements: Expiring::new(),
                 api_calls,
             }),
             trusted,
@@ -190,15 +215,8 @@ impl<L: PodLookup + 'static> NodeAuthorizer<L> {
         let pod_ref = caller.pod.as_ref().ok_or(Denial::NotPodBound)?;
         let now = Instant::now();
         let pod_key = (caller.cluster.clone(), pod_ref.uid.clone());
-        if let Some((exp, node)) = self
-            .inner
-            .caller_nodes
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&pod_key)
-            && *exp > now
-        {
-            return Ok(node.clone());
+        if let Some(node) = self.inner.caller_nodes.get(&pod_key, now) {
+            return Ok(node);
         }
         let ns = caller.identity.namespace().to_owned();
         let sa = caller.identity.service_account().to_owned();
@@ -224,15 +242,8 @@ impl<L: PodLookup + 'static> NodeAuthorizer<L> {
             target.namespace().to_owned(),
             target.service_account().to_owned(),
         );
-        if let Some((exp, allowed)) = self
-            .inner
-            .placements
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&key)
-            && *exp > Instant::now()
-        {
-            return Ok(*allowed);
+        if let Some(allowed) = self.inner.placements.get(&key, Instant::now()) {
+            return Ok(allowed);
         }
         self.placement_lookups
             .run(key.clone(), || {
@@ -253,14 +264,8 @@ impl<L: PodLookup> Inner<L> {
     ) -> NodeResult {
         let now = Instant::now();
         // A lookup that completed after the caller missed the cache has left its result there.
-        if let Some((exp, node)) = self
-            .caller_nodes
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&pod_key)
-            && *exp > now
-        {
-            return Ok(node.clone());
+        if let Some(node) = self.caller_nodes.get(&pod_key, now) {
+            return Ok(node);
         }
         self.api_calls.inc();
         let pod = self
@@ -280,22 +285,15 @@ impl<L: PodLookup> Inner<L> {
             .and_then(|s| s.node_name.clone())
             .filter(|n| !n.is_empty())
             .ok_or(Denial::NotScheduled)?;
-        let mut cache = self.caller_nodes.lock().unwrap_or_else(|e| e.into_inner());
-        cache.retain(|_, (exp, _)| *exp > now);
-        cache.insert(pod_key, (now + POSITIVE_TTL, node.clone()));
+        self.caller_nodes
+            .insert(pod_key, node.clone(), now, POSITIVE_TTL);
         Ok(node)
     }
 
     async fn fetch_placement(&self, key: Placement) -> PlacementResult {
         let now = Instant::now();
-        if let Some((exp, allowed)) = self
-            .placements
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .get(&key)
-            && *exp > now
-        {
-            return Ok(*allowed);
+        if let Some(allowed) = self.placements.get(&key, now) {
+            return Ok(allowed);
         }
         let (cluster, node, ns, sa) = &key;
         self.api_calls.inc();
@@ -307,9 +305,7 @@ impl<L: PodLookup> Inner<L> {
             .iter()
             .any(|p| !terminated(p) && service_account(p) == sa);
         let ttl = if allowed { POSITIVE_TTL } else { NEGATIVE_TTL };
-        let mut cache = self.placements.lock().unwrap_or_else(|e| e.into_inner());
-        cache.retain(|_, (exp, _)| *exp > now);
-        cache.insert(key, (now + ttl, allowed));
+        self.placements.insert(key, allowed, now, ttl);
         Ok(allowed)
     }
 }
