@@ -109,6 +109,35 @@ async fn tls_connect(server: &Server) -> TlsStream<TcpStream> {
     tls_connect_to(server.grpc(), &server.handle().root_pem).await
 }
 
+/// An HTTP/2 client (the h2 crate) on a new TLS connection to `server`; its connection task
+/// is spawned.
+async fn h2_client(server: &Server) -> h2::client::SendRequest<bytes::Bytes> {
+    let (h2, conn) = h2::client::handshake(tls_connect(server).await)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    h2
+}
+
+/// The head of a gRPC call to `path`, carrying [`TOKEN`] when `authorized`.
+fn grpc_post(path: &str, authorized: bool) -> http::Request<()> {
+    let mut request = http::Request::post(format!("https://localhost{path}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers");
+    if authorized {
+        request = request.header("authorization", format!("Bearer {TOKEN}"));
+    }
+    request.body(()).unwrap()
+}
+
+/// The response head, which must arrive within [`GENEROUS`].
+async fn answered(response: h2::client::ResponseFuture) -> http::Response<h2::RecvStream> {
+    tokio::time::timeout(GENEROUS, response)
+        .await
+        .expect("answered")
+        .unwrap()
+}
+
 /// Reads until the server closes the connection (EOF or an error); panics if it stays open
 /// past [`GENEROUS`].
 async fn assert_closed_by_server(io: &mut (impl AsyncRead + Unpin)) {
@@ -193,21 +222,10 @@ async fn a_client_that_stops_reading_is_closed_while_others_are_served() {
 async fn a_request_whose_body_never_arrives_gets_deadline_exceeded() {
     let server = Server::start(|a| a.request_timeout = Some("1s".into())).await;
     // A well-formed HTTP/2 client may open a stream and send its body later; this one never does.
-    let tls = tls_connect(&server).await;
-    let (mut h2, conn) = h2::client::handshake(tls).await.unwrap();
-    tokio::spawn(conn);
-    let request = http::Request::post(format!("https://localhost{CREATE}"))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .header("authorization", format!("Bearer {TOKEN}"))
-        .body(())
-        .unwrap();
-    let (response, _body_never_sent) = h2.send_request(request, false).unwrap();
+    let mut h2 = h2_client(&server).await;
+    let (response, _body_never_sent) = h2.send_request(grpc_post(CREATE, true), false).unwrap();
     server.assert_serves_a_legitimate_client().await;
-    let response = tokio::time::timeout(GENEROUS, response)
-        .await
-        .expect("a response to the stalled request")
-        .unwrap();
+    let response = answered(response).await;
     // A trailers-only response: the status is in the headers.
     assert_eq!(
         response.headers().get("grpc-status").map(|v| v.as_bytes()),
@@ -221,20 +239,10 @@ async fn a_request_whose_body_never_arrives_gets_deadline_exceeded() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn an_unknown_method_is_unimplemented_and_counted() {
     let server = Server::start(|_| {}).await;
-    let tls = tls_connect(&server).await;
-    let (mut h2, conn) = h2::client::handshake(tls).await.unwrap();
-    tokio::spawn(conn);
-    let request =
-        http::Request::post("https://localhost/istio.v1.auth.IstioCertificateService/Nope")
-            .header("content-type", "application/grpc")
-            .header("te", "trailers")
-            .body(())
-            .unwrap();
+    let mut h2 = h2_client(&server).await;
+    let request = grpc_post("/istio.v1.auth.IstioCertificateService/Nope", false);
     let (response, _) = h2.send_request(request, true).unwrap();
-    let response = tokio::time::timeout(GENEROUS, response)
-        .await
-        .expect("answered")
-        .unwrap();
+    let response = answered(response).await;
     assert_eq!(
         response.headers().get("grpc-status").map(|v| v.as_bytes()),
         Some(&b"12"[..]),
@@ -248,24 +256,13 @@ async fn an_unknown_method_is_unimplemented_and_counted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_message_that_is_not_protobuf_is_internal_and_counted_as_malformed() {
     let server = Server::start(|_| {}).await;
-    let tls = tls_connect(&server).await;
-    let (mut h2, conn) = h2::client::handshake(tls).await.unwrap();
-    tokio::spawn(conn);
-    let request = http::Request::post(format!("https://localhost{CREATE}"))
-        .header("content-type", "application/grpc")
-        .header("te", "trailers")
-        .header("authorization", format!("Bearer {TOKEN}"))
-        .body(())
-        .unwrap();
-    let (response, mut body) = h2.send_request(request, false).unwrap();
+    let mut h2 = h2_client(&server).await;
+    let (response, mut body) = h2.send_request(grpc_post(CREATE, true), false).unwrap();
     // One gRPC message of 4 bytes that no protobuf decoder accepts (a truncated varint).
     let mut message = vec![0, 0, 0, 0, 4];
     message.extend_from_slice(&[0xff, 0xff, 0xff, 0xff]);
     body.send_data(message.into(), true).unwrap();
-    let response = tokio::time::timeout(GENEROUS, response)
-        .await
-        .expect("answered")
-        .unwrap();
+    let response = answered(response).await;
     let status = tonic::Status::from_header_map(response.headers()).expect("trailers-only");
     assert_eq!(status.code(), tonic::Code::Internal, "{status:?}");
     assert_eq!(server.metric(&refusals("grpc", "malformed_message")), 1);
