@@ -138,6 +138,27 @@ async fn answered(response: h2::client::ResponseFuture) -> http::Response<h2::Re
         .unwrap()
 }
 
+/// Opens stream 1 with `kib` KiB of junk headers on a new connection to `server`, and returns
+/// the first frame the server sends back that is `wanted`; panics past [`GENEROUS`].
+async fn junk_headers_until(server: &Server, kib: usize, wanted: impl Fn(&Frame) -> bool) -> Frame {
+    let mut conn = tls_connect(server).await;
+    h2_handshake(&mut conn).await;
+    let junk = "x".repeat(kib * 1024);
+    conn.write_all(&open_stream(1, &[("x-junk", &junk)], true))
+        .await
+        .unwrap();
+    tokio::time::timeout(GENEROUS, async {
+        loop {
+            let f = read_frame(&mut conn).await.expect("connection open");
+            if wanted(&f) {
+                return f;
+            }
+        }
+    })
+    .await
+    .expect("an answer to the oversized header list")
+}
+
 /// Reads until the server closes the connection (EOF or an error); panics if it stays open
 /// past [`GENEROUS`].
 async fn assert_closed_by_server(io: &mut (impl AsyncRead + Unpin)) {
@@ -313,44 +334,17 @@ async fn a_header_list_over_the_limit_is_refused_and_counted_and_an_oversized_to
  {
     let server = Server::start(|_| {}).await;
     // 150 KiB of headers in 10 frames, over the 128 KiB default: h2 answers 431 itself.
-    let mut conn = tls_connect(&server).await;
-    h2_handshake(&mut conn).await;
-    let junk = "x".repeat(150 * 1024);
-    conn.write_all(&open_stream(1, &[("x-junk", &junk)], true))
-        .await
-        .unwrap();
-    tokio::time::timeout(GENEROUS, async {
-        loop {
-            let f = read_frame(&mut conn).await.expect("connection open");
-            assert_ne!(f.kind, GOAWAY, "a stream-level refusal");
-            if f.kind == HEADERS && f.stream == 1 {
-                assert_ne!(f.payload.first(), Some(&0x88), "not :status 200");
-                return;
-            }
-        }
+    let answer = junk_headers_until(&server, 150, |f| {
+        assert_ne!(f.kind, GOAWAY, "a stream-level refusal");
+        f.kind == HEADERS && f.stream == 1
     })
-    .await
-    .expect("the oversized header list answered");
+    .await;
+    assert_ne!(answer.payload.first(), Some(&0x88), "not :status 200");
     let too_large = refusals("grpc", "header_list_too_large");
     assert_eq!(server.metric(&too_large), 1, "the 431 counted");
 
     // 200 KiB: more CONTINUATION frames than the limit allows, so h2 sends GOAWAY.
-    let mut conn = tls_connect(&server).await;
-    h2_handshake(&mut conn).await;
-    let junk = "x".repeat(200 * 1024);
-    conn.write_all(&open_stream(1, &[("x-junk", &junk)], true))
-        .await
-        .unwrap();
-    tokio::time::timeout(GENEROUS, async {
-        loop {
-            let f = read_frame(&mut conn).await.expect("connection open");
-            if f.kind == GOAWAY {
-                return;
-            }
-        }
-    })
-    .await
-    .expect("the oversized header block refused");
+    junk_headers_until(&server, 200, |f| f.kind == GOAWAY).await;
     assert_eq!(server.metric(&too_large), 2, "the GOAWAY counted");
     server.assert_serves_a_legitimate_client().await;
 
