@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use common::kube::{Harness, TokenOptions, eventually};
 use common::meshid::{
-    ca_client, http_get, metric_value, openssl, openssl_csr, openssl_key, server_identity,
+    Running, ca_client, http_get, metric_value, openssl, openssl_csr, openssl_key, server_identity,
     server_rules,
 };
 use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
@@ -23,7 +23,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use kube::Api;
 use kube::api::{Patch, PatchParams, PostParams};
 use meshid::agent::generate_csr;
-use meshid::app::{ServerHandle, start_server};
+
 use meshid::config::ServerArgs;
 use meshid::identity::SpiffeId;
 
@@ -36,27 +36,6 @@ macro_rules! harness {
             None => return,
         }
     };
-}
-
-/// A running meshid server and a way to stop it.
-struct Running {
-    handle: ServerHandle,
-    stop: tokio::sync::oneshot::Sender<()>,
-}
-
-impl Running {
-    async fn stop(self) {
-        let _ = self.stop.send(());
-        self.handle.wait().await.unwrap();
-    }
-
-    /// Fetched on a blocking thread: the server runs on this test's runtime.
-    async fn metrics(&self) -> String {
-        let addr = self.handle.http_addr;
-        tokio::task::spawn_blocking(move || http_get(addr, "/metrics"))
-            .await
-            .unwrap()
-    }
 }
 
 /// A namespace holding meshid's service account with the chart's permissions, and a label
@@ -99,16 +78,6 @@ impl Setup {
             pod_name: Some(pod.into()),
             ..Default::default()
         }
-    }
-
-    async fn start(&self, args: ServerArgs) -> Running {
-        let (stop, rx) = tokio::sync::oneshot::channel::<()>();
-        let handle = start_server(args.validate().unwrap(), async move {
-            let _ = rx.await;
-        })
-        .await
-        .unwrap();
-        Running { handle, stop }
     }
 
     /// A namespace carrying this test's selector label.
@@ -197,7 +166,7 @@ async fn the_root_configmap_is_created_in_selected_namespaces_and_repaired_after
 {
     let s = Setup::new(harness!()).await;
     let ca = s.dir.path().join("ca");
-    let server = s.start(s.args(&ca, "replica-a")).await;
+    let server = Running::start(s.args(&ca, "replica-a")).await;
     let root = server.handle.root_pem.clone();
     let selected = s.selected_namespace("sel").await;
     let other = s.h.create_namespace("unsel").await.unwrap();
@@ -229,7 +198,7 @@ async fn the_root_configmap_is_created_in_selected_namespaces_and_repaired_after
     // Idempotent: with nothing changed, nothing is written.
     let rv = cm.metadata.resource_version.clone();
     let writes = metric_value(
-        &server.metrics().await,
+        &server.get("/metrics").await,
         "meshid_root_configmap_writes_total{result=\"updated\"}",
     );
     tokio::time::sleep(Duration::from_secs(3)).await;
@@ -237,7 +206,7 @@ async fn the_root_configmap_is_created_in_selected_namespaces_and_repaired_after
     assert_eq!(again.metadata.resource_version, rv);
     assert_eq!(
         metric_value(
-            &server.metrics().await,
+            &server.get("/metrics").await,
             "meshid_root_configmap_writes_total{result=\"updated\"}"
         ),
         writes
@@ -278,8 +247,8 @@ async fn one_replica_leads_and_a_replica_that_loses_the_lease_stops_writing() {
         args.extra_roots = Some(extra);
         args
     };
-    let a = s.start(with_extra(&ca1, &ca2, "replica-a")).await;
-    let b = s.start(with_extra(&ca2, &ca1, "replica-b")).await;
+    let a = Running::start(with_extra(&ca1, &ca2, "replica-a")).await;
+    let b = Running::start(with_extra(&ca2, &ca1, "replica-b")).await;
     let watched = s.selected_namespace("lead").await;
     let steady = s.selected_namespace("steady").await;
     s.wait_root_configmap(&watched, |p| roots_in(p) == 2).await;
@@ -335,7 +304,7 @@ async fn one_replica_leads_and_a_replica_that_loses_the_lease_stops_writing() {
     assert_eq!(lease_holder(&s).await.as_deref(), Some("intruder"));
     // Followers say so in a metric and in /readyz, and stay ready.
     for r in [&a, &b] {
-        let m = r.metrics().await;
+        let m = r.get("/metrics").await;
         assert_eq!(
             metric_value(&m, "meshid_leader{state=\"follower\"}"),
             1,
@@ -405,7 +374,7 @@ async fn one_replica_leads_and_a_replica_that_loses_the_lease_stops_writing() {
         steady_version,
         "a change of leader rewrote an unchanged ConfigMap"
     );
-    let m = stays.metrics().await;
+    let m = stays.get("/metrics").await;
     assert_eq!(
         metric_value(&m, "meshid_leader{state=\"leader\"}"),
         1,
@@ -423,7 +392,7 @@ async fn the_istiod_certificate_secret_is_issued_for_istiods_names_and_chains_to
     args.istiod_cert = Some(true);
     args.istiod_namespace = Some(istio.clone());
     args.istiod_revision = Some("canary".into());
-    let server = s.start(args).await;
+    let server = Running::start(args).await;
     let secrets: Api<Secret> = Api::namespaced(s.h.admin_client(), &istio);
     let secret = eventually(WAIT, || async {
         secrets
@@ -539,7 +508,7 @@ async fn ztunnel_may_get_certificates_only_for_workloads_on_its_own_node() {
     let mut args = s.args(&ca, "replica-a");
     args.root_configmap = Some(false);
     args.trusted_node_accounts = Some(vec![format!("{sys}/ztunnel")]);
-    let server = s.start(args).await;
+    let server = Running::start(args).await;
     let aud = TokenOptions::for_audiences(["istio-ca"]);
     let zt_token =
         s.h.request_token(&sys, "ztunnel", &aud.clone().bound_to(&zt_pod))
@@ -554,14 +523,14 @@ async fn ztunnel_may_get_certificates_only_for_workloads_on_its_own_node() {
         .expect("web runs on ztunnel's node");
     assert!(verifies(dir, &chain[0], &chain[1]));
     let calls_cold = metric_value(
-        &server.metrics().await,
+        &server.get("/metrics").await,
         "meshid_node_authorization_apiserver_calls_total",
     );
     impersonate(&server, &zt_token, &web, dir)
         .await
         .expect("again, from the cache");
     let calls_warm = metric_value(
-        &server.metrics().await,
+        &server.get("/metrics").await,
         "meshid_node_authorization_apiserver_calls_total",
     );
     assert_eq!(

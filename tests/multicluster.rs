@@ -17,7 +17,7 @@ use std::time::Duration;
 use anyhow::{bail, ensure};
 use common::kube::{Harness, Instance, TokenOptions, eventually, rule};
 use common::meshid::{
-    ca_client, http_get, metric_value, openssl_csr, openssl_key, server_identity, server_rules,
+    Running, ca_client, metric_value, openssl_csr, openssl_key, server_identity, server_rules,
 };
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace, Secret, ServiceAccount};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding};
@@ -25,7 +25,7 @@ use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
 use kube::Api;
 use kube::api::{DeleteParams, PostParams};
 use meshid::agent::{CaClient, CaClientError};
-use meshid::app::{ServerHandle, start_server};
+
 use meshid::cluster::{
     CLUSTER_ANNOTATION, ClusterRegistry, MULTICLUSTER_LABEL, RemoteState, watch_remote_secrets,
 };
@@ -300,36 +300,17 @@ struct Mesh {
     dir: tempfile::TempDir,
 }
 
-/// A running meshid and a way to stop it.
-struct Running {
-    handle: ServerHandle,
-    stop: tokio::sync::oneshot::Sender<()>,
-}
-
-impl Running {
-    async fn stop(self) {
-        let _ = self.stop.send(());
-        self.handle.wait().await.unwrap();
-    }
-
-    async fn get(&self, path: &'static str) -> String {
-        let addr = self.handle.http_addr;
-        tokio::task::spawn_blocking(move || http_get(addr, path))
-            .await
-            .unwrap()
-    }
-
-    fn client(&self, cluster: Option<&str>) -> CaClient {
-        match cluster {
-            None => ca_client(&self.handle),
-            Some(id) => CaClient::new(
-                &format!("https://{}", self.handle.grpc_addr),
-                &self.handle.root_pem,
-                Some("localhost"),
-                Some(id.to_owned()),
-            )
-            .unwrap(),
-        }
+/// A CA client of `server` that names `cluster` (none: the server's own).
+fn client_of(server: &Running, cluster: Option<&str>) -> CaClient {
+    match cluster {
+        None => ca_client(&server.handle),
+        Some(id) => CaClient::new(
+            &format!("https://{}", server.handle.grpc_addr),
+            &server.handle.root_pem,
+            Some("localhost"),
+            Some(id.to_owned()),
+        )
+        .unwrap(),
     }
 }
 
@@ -398,13 +379,7 @@ impl Mesh {
     }
 
     async fn start(&self) -> Running {
-        let (stop, rx) = tokio::sync::oneshot::channel::<()>();
-        let handle = start_server(self.args().validate().unwrap(), async move {
-            let _ = rx.await;
-        })
-        .await
-        .unwrap();
-        Running { handle, stop }
+        Running::start(self.args()).await
     }
 
     fn harness(&self, cluster: &str) -> &Harness {
@@ -479,8 +454,7 @@ impl Mesh {
             )]
             .into(),
         });
-        server
-            .client(cluster)
+        client_of(server, cluster)
             .create_certificate(&csr, token, Duration::from_secs(3600), metadata)
             .await
             .map_err(|e| match e {

@@ -80,6 +80,40 @@ pub async fn server_identity(
     (dir, kubeconfig)
 }
 
+/// A meshid server running on this test's runtime, and a way to stop it.
+pub struct Running {
+    pub handle: meshid::app::ServerHandle,
+    stop: tokio::sync::oneshot::Sender<()>,
+}
+
+impl Running {
+    /// Starts `meshid server` with `args`, which must be valid.
+    pub async fn start(args: meshid::config::ServerArgs) -> Self {
+        let (stop, rx) = tokio::sync::oneshot::channel::<()>();
+        let handle = meshid::app::start_server(args.validate().unwrap(), async move {
+            let _ = rx.await;
+        })
+        .await
+        .unwrap();
+        Running { handle, stop }
+    }
+
+    /// Shuts it down and waits until it has finished.
+    pub async fn stop(self) {
+        let _ = self.stop.send(());
+        self.handle.wait().await.unwrap();
+    }
+
+    /// `path` from its HTTP listener, fetched on a blocking thread: the server runs on this
+    /// test's runtime.
+    pub async fn get(&self, path: &'static str) -> String {
+        let addr = self.handle.http_addr;
+        tokio::task::spawn_blocking(move || http_get(addr, path))
+            .await
+            .unwrap()
+    }
+}
+
 /// A plain HTTP/1.1 GET on loopback, returning the raw response.
 pub fn http_get(addr: std::net::SocketAddr, path: &str) -> String {
     use std::io::{Read, Write};
