@@ -11,7 +11,7 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::kube::{Harness, TokenOptions};
+use common::kube::{Harness, TokenOptions, harness};
 use common::meshid::{
     http_get, metric_value, openssl, openssl_csr, openssl_key, write_token_kubeconfig,
 };
@@ -24,15 +24,6 @@ use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 const CLUSTER: &str = "test-cluster";
 const TD: &str = "cluster.local";
-
-macro_rules! harness {
-    () => {
-        match Harness::from_env().await {
-            Some(h) => h,
-            None => return,
-        }
-    };
-}
 
 /// A server authenticating as its own service account (allowed to create TokenReviews), and a
 /// workload service account `web` in a fresh namespace.

@@ -12,7 +12,7 @@ mod common;
 use std::path::Path;
 use std::time::Duration;
 
-use common::kube::{Harness, TokenOptions, eventually};
+use common::kube::{Harness, TokenOptions, eventually, harness};
 use common::meshid::{
     Running, ca_client, http_get, metric_value, openssl, openssl_csr, openssl_key, server_identity,
     server_rules,
@@ -28,15 +28,6 @@ use meshid::config::ServerArgs;
 use meshid::identity::SpiffeId;
 
 const WAIT: Duration = Duration::from_secs(30);
-
-macro_rules! harness {
-    () => {
-        match Harness::from_env().await {
-            Some(h) => h,
-            None => return,
-        }
-    };
-}
 
 /// A namespace holding meshid's service account with the chart's permissions, and a label
 /// value unique to this test so its controllers only see this test's namespaces.

@@ -10,20 +10,11 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::kube::{Harness, TokenOptions, api_status_code, eventually, review_token, unix_now};
+use common::kube::{TokenOptions, api_status_code, eventually, harness, review_token, unix_now};
 use k8s_openapi::api::authentication::v1::TokenReviewStatus;
 
 const CA_AUDIENCE: &str = "istio-ca";
 const NODE: &str = "node-a";
-
-macro_rules! harness {
-    () => {
-        match Harness::from_env().await {
-            Some(h) => h,
-            None => return,
-        }
-    };
-}
 
 fn username(status: &TokenReviewStatus) -> Option<&str> {
     status.user.as_ref()?.username.as_deref()

@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, ensure};
-use common::kube::{Harness, Instance, TokenOptions, eventually, rule};
+use common::kube::{Harness, Instance, TokenOptions, eventually, harness, rule};
 use common::meshid::{
     Running, ca_client, metric_value, openssl_csr, openssl_key, server_identity, server_rules,
 };
@@ -34,15 +34,6 @@ use tonic::Code;
 
 /// Long enough for a watch event, a probe and a controller pass; polled, never waited out.
 const WAIT: Duration = Duration::from_secs(30);
-
-macro_rules! harness {
-    () => {
-        match Harness::from_env().await {
-            Some(h) => h,
-            None => return,
-        }
-    };
-}
 
 /// The kubeconfig `istioctl create-remote-secret` puts in its Secret: the server, the
 /// cluster's CA inline and a bearer token, with one context named after the cluster.

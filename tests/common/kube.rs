@@ -111,6 +111,20 @@ impl BoundPod {
     }
 }
 
+/// The shared harness in a test: `let h = harness!();` returns from the test (counted as
+/// skipped) when [`Harness::from_env`] finds none. Not every test binary uses it.
+#[allow(unused_macros)]
+macro_rules! harness {
+    () => {
+        match $crate::common::kube::Harness::from_env().await {
+            Some(h) => h,
+            None => return,
+        }
+    };
+}
+#[allow(unused_imports)]
+pub(crate) use harness;
+
 impl Harness {
     /// Connects to the harness named by `MESHID_TEST_KUBECONFIG`.
     ///
