@@ -245,41 +245,32 @@ fn every_rendered_limit_and_auth_setting_reaches_meshid_and_unset_ones_keep_its_
         let d = meshid::server::ServerLimits::default();
         let l = &config.limits;
         let n = |key, default: usize| number_or(&file, key, default as u64) as usize;
-        assert_eq!(
-            l.max_connections,
-            n("max-connections", d.max_connections),
-            "{scenario}"
-        );
-        assert_eq!(
-            l.max_concurrent_streams as usize,
-            n("max-concurrent-streams", d.max_concurrent_streams as usize),
-            "{scenario}"
-        );
-        assert_eq!(
-            l.max_message_size,
-            n("max-message-size", d.max_message_size),
-            "{scenario}"
-        );
-        assert_eq!(
-            l.max_header_list_size as usize,
-            n("max-header-list-size", d.max_header_list_size as usize),
-            "{scenario}"
-        );
-        assert_eq!(
-            l.idle_timeout,
-            duration_or(&file, "idle-timeout", d.idle_timeout),
-            "{scenario}"
-        );
-        assert_eq!(
-            l.request_timeout,
-            duration_or(&file, "request-timeout", d.request_timeout),
-            "{scenario}"
-        );
-        assert_eq!(
-            l.drain_deadline,
-            duration_or(&file, "drain-deadline", d.drain_deadline),
-            "{scenario}"
-        );
+        // (the setting, what meshid resolved, its default when the chart rendered none)
+        let numbers = [
+            ("max-connections", l.max_connections, d.max_connections),
+            (
+                "max-concurrent-streams",
+                l.max_concurrent_streams as usize,
+                d.max_concurrent_streams as usize,
+            ),
+            ("max-message-size", l.max_message_size, d.max_message_size),
+            (
+                "max-header-list-size",
+                l.max_header_list_size as usize,
+                d.max_header_list_size as usize,
+            ),
+        ];
+        for (key, got, default) in numbers {
+            assert_eq!(got, n(key, default), "{scenario}: {key}");
+        }
+        let durations = [
+            ("idle-timeout", l.idle_timeout, d.idle_timeout),
+            ("request-timeout", l.request_timeout, d.request_timeout),
+            ("drain-deadline", l.drain_deadline, d.drain_deadline),
+        ];
+        for (key, got, default) in durations {
+            assert_eq!(got, duration_or(&file, key, default), "{scenario}: {key}");
+        }
         let AuthnConfig::TokenReview {
             pod_cache_ttl,
             issuers,
