@@ -575,26 +575,17 @@ async fn one_meshid_serves_two_clusters_by_clusterid_and_stops_serving_b_when_it
     // node in A, db in B.
     let zt_a = m.token(A, &m.zt, "ztunnel", "ztunnel-0").await;
     let zt_b = m.token(B, &m.zt, "ztunnel", "ztunnel-0").await;
-    assert!(names(
-        &m.call(&server, Some(A), &zt_a, &web, true).await.unwrap(),
-        &web
-    ));
-    assert_eq!(
-        m.call(&server, Some(A), &zt_a, &db, true)
-            .await
-            .unwrap_err(),
-        Code::PermissionDenied
-    );
-    assert!(names(
-        &m.call(&server, Some(B), &zt_b, &db, true).await.unwrap(),
-        &db
-    ));
-    assert_eq!(
-        m.call(&server, Some(B), &zt_b, &web, true)
-            .await
-            .unwrap_err(),
-        Code::PermissionDenied
-    );
+    for (cluster, ztunnel, on_node, elsewhere) in [(A, &zt_a, &web, &db), (B, &zt_b, &db, &web)] {
+        let chain = m.call(&server, Some(cluster), ztunnel, on_node, true).await;
+        assert!(names(&chain.unwrap(), on_node), "{cluster}");
+        assert_eq!(
+            m.call(&server, Some(cluster), ztunnel, elsewhere, true)
+                .await
+                .unwrap_err(),
+            Code::PermissionDenied,
+            "{cluster}"
+        );
+    }
 
     // The root ConfigMaps, with the same bundle, in the selected namespaces of both clusters.
     for cluster in [A, B] {
