@@ -1636,17 +1636,26 @@ mod tests {
         }
     }
 
-    #[test]
-    fn flags_take_precedence_over_the_yaml_file() {
+    /// `args` resolved with a config file holding `yaml`.
+    fn resolve_with_yaml(yaml: &str, args: ServerArgs) -> Result<ServerConfig, ConfigError> {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("c.yaml");
-        std::fs::write(&path, "trust-domain: from.file\ncluster-id: file-cluster\nca-dir: /tmp/x\nmax-ttl: 12h\ndefault-ttl: 1h\n").unwrap();
-        let args = ServerArgs {
+        std::fs::write(&path, yaml).unwrap();
+        ServerArgs {
             config: Some(path),
+            ..args
+        }
+        .resolve()
+    }
+
+    #[test]
+    fn flags_take_precedence_over_the_yaml_file() {
+        let yaml = "trust-domain: from.file\ncluster-id: file-cluster\nca-dir: /tmp/x\nmax-ttl: 12h\ndefault-ttl: 1h\n";
+        let args = ServerArgs {
             cluster_id: Some("flag-cluster".into()),
             ..Default::default()
         };
-        let c = args.resolve().unwrap();
+        let c = resolve_with_yaml(yaml, args).unwrap();
         assert_eq!(c.trust_domain, "from.file");
         assert_eq!(c.cluster_id, "flag-cluster");
         assert_eq!(c.max_ttl, Duration::from_secs(12 * 3600));
@@ -1655,21 +1664,13 @@ mod tests {
     #[test]
     fn listener_limits_default_safely_and_are_read_from_the_yaml_file() {
         assert_eq!(base().validate().unwrap().limits, ServerLimits::default());
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("c.yaml");
-        std::fs::write(
-            &path,
+        let l = resolve_with_yaml(
             "ca-dir: /tmp/x\nmax-connections: 7\nidle-timeout: 3s\nmax-concurrent-streams: 9\n\
              max-message-size: 1000\nmax-header-list-size: 2000\ndrain-deadline: 4s\n\
              request-timeout: 5s\nhandshake-timeout: 6s\nkeepalive-interval: 7s\n\
              keepalive-timeout: 8s\n",
+            ServerArgs::default(),
         )
-        .unwrap();
-        let l = ServerArgs {
-            config: Some(path),
-            ..Default::default()
-        }
-        .resolve()
         .unwrap()
         .limits;
         let s = Duration::from_secs;
@@ -1711,19 +1712,14 @@ mod tests {
 
     #[test]
     fn lifetime_and_rate_settings_are_read_from_flags_and_the_yaml_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("c.yaml");
-        std::fs::write(
-            &path,
-            "ca-dir: /tmp/x\nmin-ttl: 20m\nmax-backdate: 30s\nissuance-burst: 5\nissuance-interval: 1m\nissuance-max-keys: 10\n",
+        let yaml = "ca-dir: /tmp/x\nmin-ttl: 20m\nmax-backdate: 30s\nissuance-burst: 5\nissuance-interval: 1m\nissuance-max-keys: 10\n";
+        let c = resolve_with_yaml(
+            yaml,
+            ServerArgs {
+                min_ttl: Some("15m".into()),
+                ..Default::default()
+            },
         )
-        .unwrap();
-        let c = ServerArgs {
-            config: Some(path.clone()),
-            min_ttl: Some("15m".into()),
-            ..Default::default()
-        }
-        .resolve()
         .unwrap();
         assert_eq!(c.min_ttl, Duration::from_secs(900));
         assert_eq!(c.max_backdate, Duration::from_secs(30));
@@ -1731,12 +1727,13 @@ mod tests {
         assert_eq!(limit.burst.get(), 5);
         assert_eq!(limit.interval, Duration::from_secs(60));
         assert_eq!(limit.max_keys, 10);
-        let off = ServerArgs {
-            config: Some(path),
-            issuance_burst: Some(0),
-            ..Default::default()
-        }
-        .resolve()
+        let off = resolve_with_yaml(
+            yaml,
+            ServerArgs {
+                issuance_burst: Some(0),
+                ..Default::default()
+            },
+        )
         .unwrap();
         assert_eq!(off.issuance_limit, None);
     }
@@ -1768,18 +1765,10 @@ mod tests {
 
     #[test]
     fn a_yaml_number_or_boolean_for_a_text_setting_is_read_as_its_text() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("c.yaml");
-        std::fs::write(
-            &path,
+        let c = resolve_with_yaml(
             "cluster-id: 1234\ntrust-domain: true\nca-dir: /tmp/x\n",
+            ServerArgs::default(),
         )
-        .unwrap();
-        let c = ServerArgs {
-            config: Some(path),
-            ..Default::default()
-        }
-        .resolve()
         .unwrap();
         assert_eq!(
             (c.cluster_id.as_str(), c.trust_domain.as_str()),
@@ -1789,20 +1778,12 @@ mod tests {
 
     #[test]
     fn a_key_given_twice_or_a_value_of_the_wrong_type_is_refused_with_its_line() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("c.yaml");
         for (text, line) in [
             ("ca-dir: /tmp/x\nmax-ttl: 1h\nmax-ttl: 2h\n", "line 3"),
             ("ca-dir: /tmp/x\nissuance-burst: lots\n", "line 2"),
             ("ca-dir: /tmp/x\naudiences: {a: b}\n", "line 2"),
         ] {
-            std::fs::write(&path, text).unwrap();
-            let err = ServerArgs {
-                config: Some(path.clone()),
-                ..Default::default()
-            }
-            .resolve()
-            .unwrap_err();
+            let err = resolve_with_yaml(text, ServerArgs::default()).unwrap_err();
             assert!(matches!(err, ConfigError::File { .. }), "{err}");
             assert!(err.to_string().contains(line), "{text:?}: {err}");
         }
@@ -1810,30 +1791,17 @@ mod tests {
 
     #[test]
     fn an_empty_yaml_file_sets_nothing() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("c.yaml");
-        std::fs::write(&path, "# nothing set here\n").unwrap();
-        let c = ServerArgs {
-            config: Some(path),
+        let args = ServerArgs {
             ca_dir: Some("/tmp/x".into()),
             ..Default::default()
-        }
-        .resolve()
-        .unwrap();
+        };
+        let c = resolve_with_yaml("# nothing set here\n", args).unwrap();
         assert_eq!(c.trust_domain, "cluster.local");
     }
 
     #[test]
     fn unknown_keys_in_the_yaml_file_are_an_error() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("c.yaml");
-        std::fs::write(&path, "trust-domian: typo\n").unwrap();
-        let err = ServerArgs {
-            config: Some(path),
-            ..Default::default()
-        }
-        .resolve()
-        .unwrap_err();
+        let err = resolve_with_yaml("trust-domian: typo\n", ServerArgs::default()).unwrap_err();
         assert!(matches!(err, ConfigError::File { .. }), "{err}");
     }
 
@@ -1969,19 +1937,8 @@ mod tests {
 
     #[test]
     fn aws_pca_settings_are_read_from_the_yaml_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("c.yaml");
-        std::fs::write(
-            &path,
-            format!("signer: aws-pca\npca-arn: {ARN}\npca-mode: direct\npca-tps: 3\n"),
-        )
-        .unwrap();
-        let c = ServerArgs {
-            config: Some(path),
-            ..Default::default()
-        }
-        .resolve()
-        .unwrap();
+        let yaml = format!("signer: aws-pca\npca-arn: {ARN}\npca-mode: direct\npca-tps: 3\n");
+        let c = resolve_with_yaml(&yaml, ServerArgs::default()).unwrap();
         let SignerConfig::AwsPca(o) = c.signer else {
             panic!("{:?}", c.signer)
         };
