@@ -420,6 +420,19 @@ impl Mesh {
         format!("spiffe://cluster.local/ns/{ns}/sa/{sa}")
     }
 
+    /// Waits until a request for `target` with `token`, naming cluster B, is refused with
+    /// `code`.
+    async fn until_b_refuses(&self, server: &Running, token: &str, target: &str, code: Code) {
+        eventually(WAIT, || async {
+            match self.call(server, Some(B), token, target, false).await {
+                Err(c) if c == code => Ok(()),
+                other => bail!("cluster B: {:?}", other.map(|_| "issued")),
+            }
+        })
+        .await
+        .unwrap();
+    }
+
     /// CreateCertificate for `ns/sa` (or `target` through impersonation) with `token`, sending
     /// `cluster` in the `clusterid` header.
     async fn call(
@@ -617,14 +630,8 @@ async fn one_meshid_serves_two_clusters_by_clusterid_and_stops_serving_b_when_it
         .delete("istio-remote-secret-cluster-b", &DeleteParams::default())
         .await
         .unwrap();
-    eventually(WAIT, || async {
-        match m.call(&server, Some(B), &token_b, &web, false).await {
-            Err(Code::PermissionDenied) => Ok(()),
-            other => bail!("cluster B still answered: {:?}", other.map(|_| "issued")),
-        }
-    })
-    .await
-    .unwrap();
+    m.until_b_refuses(&server, &token_b, &web, Code::PermissionDenied)
+        .await;
     eprintln!(
         "cluster B refused {:?} after its Secret was deleted",
         deleted.elapsed()
@@ -656,14 +663,8 @@ async fn stopping_cluster_b_s_apiserver_leaves_cluster_a_fully_served() {
 
     m.b.stop().await.unwrap();
     // B's callers fail closed once their cached review is gone (pod-bound: 3 s).
-    eventually(WAIT, || async {
-        match m.call(&server, Some(B), &token_b, &web, false).await {
-            Err(Code::Unavailable) => Ok(()),
-            other => bail!("cluster B: {:?}", other.map(|_| "issued")),
-        }
-    })
-    .await
-    .unwrap();
+    m.until_b_refuses(&server, &token_b, &web, Code::Unavailable)
+        .await;
     eventually(WAIT, || async {
         let ready = server.get("/readyz").await;
         ensure!(ready.starts_with("HTTP/1.1 200"), "{ready}");
