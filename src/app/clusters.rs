@@ -31,15 +31,11 @@ impl Clusters {
         remote: &RemoteClusters,
         metrics: &ServerMetrics,
     ) -> Self {
-        let ready = Family::<ClusterLabels, Gauge>::default();
-        metrics.register_with(|r| {
-            r.register(
-                "remote_cluster_ready",
-                "1 when the remote cluster's apiserver answers and lets meshid create \
-                 TokenReviews, 0 when it does not or its kubeconfig is unusable",
-                ready.clone(),
-            );
-        });
+        let ready: Family<ClusterLabels, Gauge> = metrics.registered(
+            "remote_cluster_ready",
+            "1 when the remote cluster's apiserver answers and lets meshid create TokenReviews, \
+             0 when it does not or its kubeconfig is unusable",
+        );
         let registry = Arc::new(ClusterRegistry::new(
             local_id.to_owned(),
             client.clone(),

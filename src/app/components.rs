@@ -97,14 +97,10 @@ pub(super) struct Authentication {
 impl Authentication {
     /// Reads the static token file, or connects to Kubernetes (kubeconfig or in-cluster).
     pub async fn build(opts: AuthnOptions, metrics: &ServerMetrics) -> Result<Self, AppError> {
-        let node_authz_calls = Counter::<u64>::default();
-        metrics.register_with(|r| {
-            r.register(
-                "node_authorization_apiserver_calls",
-                "Pod reads made to authorize ztunnel impersonation",
-                node_authz_calls.clone(),
-            );
-        });
+        let node_authz_calls: Counter = metrics.registered(
+            "node_authorization_apiserver_calls",
+            "Pod reads made to authorize ztunnel impersonation",
+        );
         match &opts.authn {
             AuthnConfig::StaticTokens(path) => {
                 tracing::warn!("using static token authentication: development only");
@@ -174,15 +170,11 @@ impl Authentication {
 
 /// The bound on apiserver calls made for callers, counting refusals in `metrics`.
 fn api_limiter(limits: crate::authn::ApiLimits, metrics: &ServerMetrics) -> ApiLimiter {
-    let refused = Counter::<u64>::default();
-    metrics.register_with(|r| {
-        r.register(
-            "apiserver_calls_refused",
-            "Authentication and authorization calls to the apiserver refused because \
-             --apiserver-concurrency calls were running and --apiserver-queue waiting",
-            refused.clone(),
-        );
-    });
+    let refused: Counter = metrics.registered(
+        "apiserver_calls_refused",
+        "Authentication and authorization calls to the apiserver refused because \
+         --apiserver-concurrency calls were running and --apiserver-queue waiting",
+    );
     ApiLimiter::new(limits, refused)
 }
 
@@ -307,14 +299,10 @@ impl TrustChannels {
             None => None,
         };
         let local_bundle = trust::combine(&anchors, extra_roots.as_deref())?;
-        let registry_errors = Counter::<u64>::default();
-        metrics.register_with(|r| {
-            r.register(
-                "signing_roots_heartbeat_errors",
-                "Failed heartbeats to the signing-roots registry",
-                registry_errors.clone(),
-            );
-        });
+        let registry_errors: Counter = metrics.registered(
+            "signing_roots_heartbeat_errors",
+            "Failed heartbeats to the signing-roots registry",
+        );
         let registry = match (&opts.signing_roots, kube) {
             (Some(settings), Some(client)) => {
                 let reg = SigningRoots::new(

@@ -140,14 +140,10 @@ impl Refusals {
     /// Registers `meshid_transport_refusals_total` in `metrics` and returns the counter for the
     /// gRPC listener; [`Refusals::for_listener`] gives the others.
     pub fn register(metrics: &ServerMetrics) -> Self {
-        let family = Family::<RefusalLabels, Counter>::default();
-        metrics.register_with(|r| {
-            r.register(
-                "transport_refusals",
-                "Connections and requests refused below the CreateCertificate handler",
-                family.clone(),
-            );
-        });
+        let family: Family<RefusalLabels, Counter> = metrics.registered(
+            "transport_refusals",
+            "Connections and requests refused below the CreateCertificate handler",
+        );
         Self {
             family,
             listener: "grpc",

@@ -7,7 +7,7 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
-use prometheus_client::registry::Registry;
+use prometheus_client::registry::{Metric, Registry};
 
 /// Labels of a CreateCertificate outcome.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -113,6 +113,14 @@ impl ServerMetrics {
             issuance_limit_untracked,
             registry: Arc::new(RwLock::new(registry)),
         }
+    }
+
+    /// A new metric registered as `meshid_{name}` with `help`; the metric returned is the
+    /// one exported (its clones share the value).
+    pub fn registered<M: Metric + Clone + Default>(&self, name: &str, help: &str) -> M {
+        let metric = M::default();
+        self.register_with(|r| r.register(name, help, metric.clone()));
+        metric
     }
 
     /// Registers further metrics (e.g. a signer's) in the same registry, under `meshid_`.
