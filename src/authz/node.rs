@@ -417,23 +417,23 @@ mod tests {
     }
 
     impl Pods {
-        /// One apiserver read: counted, failed when `down`, answered by `pick` from the pods
-        /// of `cluster/ns`, and held at the gate before it returns.
-        fn answer<'a, T: Send + 'a>(
+        /// One apiserver read: counted, failed when `down`, answered with the pods of
+        /// `cluster/ns` that `keep` accepts, and held at the gate before it returns.
+        fn matching<'a>(
             &'a self,
             cluster: &str,
             ns: &str,
-            pick: impl FnOnce(Vec<&'a Pod>) -> T,
-        ) -> BoxFuture<'a, Result<T, BackendError>> {
+            keep: impl Fn(&Pod) -> bool,
+        ) -> BoxFuture<'a, Result<Vec<Pod>, BackendError>> {
             let ns = format!("{cluster}/{ns}");
             let answer = self.read().map(|gate| {
-                let in_ns = self.0.iter().filter(|(n, _)| *n == ns).map(|(_, p)| p);
-                (gate, pick(in_ns.collect()))
+                let pods = self.0.iter().filter(|(n, p)| *n == ns && keep(p));
+                (gate, pods.map(|(_, p)| p.clone()).collect())
             });
             Box::pin(async move {
-                let (gate, v) = answer?;
+                let (gate, pods) = answer?;
                 wait(gate).await;
-                Ok(v)
+                Ok(pods)
             })
         }
     }
@@ -445,11 +445,8 @@ mod tests {
             ns: &'a str,
             name: &'a str,
         ) -> BoxFuture<'a, Result<Option<Pod>, BackendError>> {
-            self.answer(cluster, ns, |pods| {
-                pods.into_iter()
-                    .find(|p| p.metadata.name.as_deref() == Some(name))
-                    .cloned()
-            })
+            let named = self.matching(cluster, ns, |p| p.metadata.name.as_deref() == Some(name));
+            Box::pin(async move { Ok(named.await?.into_iter().next()) })
         }
         fn pods_on_node<'a>(
             &'a self,
@@ -457,11 +454,8 @@ mod tests {
             ns: &'a str,
             node: &'a str,
         ) -> BoxFuture<'a, Result<Vec<Pod>, BackendError>> {
-            self.answer(cluster, ns, |pods| {
-                pods.into_iter()
-                    .filter(|p| p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node))
-                    .cloned()
-                    .collect()
+            self.matching(cluster, ns, |p| {
+                p.spec.as_ref().and_then(|s| s.node_name.as_deref()) == Some(node)
             })
         }
     }
