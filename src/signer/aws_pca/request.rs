@@ -451,14 +451,19 @@ mod tests {
         }
     }
 
-    #[test]
-    fn the_san_der_is_byte_for_byte_the_one_rcgen_writes() {
-        let names = [
+    /// One name of each kind, a DNS name long enough to need a two-byte DER length.
+    fn san_names() -> [SanName; 4] {
+        [
             SanName::Uri("spiffe://td/ns/a/sa/b".into()),
             SanName::Dns("x".repeat(200)),
             SanName::Ip("127.0.0.1".parse().unwrap()),
             SanName::Ip("::1".parse().unwrap()),
-        ];
+        ]
+    }
+
+    #[test]
+    fn the_san_der_is_byte_for_byte_the_one_rcgen_writes() {
+        let names = san_names();
         let mut params = rcgen::CertificateParams::default();
         params.subject_alt_names = vec![
             rcgen::SanType::URI("spiffe://td/ns/a/sa/b".try_into().unwrap()),
@@ -479,12 +484,7 @@ mod tests {
 
     #[test]
     fn the_san_der_parses_back_to_the_same_names() {
-        let names = [
-            SanName::Uri("spiffe://td/ns/a/sa/b".into()),
-            SanName::Dns("x".repeat(200)),
-            SanName::Ip("127.0.0.1".parse().unwrap()),
-            SanName::Ip("::1".parse().unwrap()),
-        ];
+        let names = san_names();
         let der = san_der(&names);
         let (rest, san) = SubjectAlternativeName::from_der(&der).unwrap();
         assert!(rest.is_empty());
