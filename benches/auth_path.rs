@@ -187,16 +187,22 @@ impl Bench {
             .await
     }
 
+    /// A one-hour CreateCertificate for the bench CSR, carrying `token`.
+    fn request(&self, token: &str) -> tonic::Request<IstioCertificateRequest> {
+        let mut req = tonic::Request::new(IstioCertificateRequest {
+            csr: self.csr.clone(),
+            validity_duration: 3600,
+            metadata: None,
+        });
+        req.metadata_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        req
+    }
+
     /// Sends one request per token, all at once, over the channels; returns (ok, failed).
     async fn fire(&self, tokens: &[String]) -> (usize, usize) {
         let calls = tokens.iter().enumerate().map(|(i, t)| {
-            let mut req = tonic::Request::new(IstioCertificateRequest {
-                csr: self.csr.clone(),
-                validity_duration: 3600,
-                metadata: None,
-            });
-            req.metadata_mut()
-                .insert("authorization", format!("Bearer {t}").parse().unwrap());
+            let req = self.request(t);
             let mut client =
                 IstioCertificateServiceClient::new(self.channels[i % self.channels.len()].clone());
             async move { client.create_certificate(req).await.is_ok() }
@@ -484,13 +490,7 @@ async fn soak(b: &Bench, seconds: u64) {
                     failed.fetch_add(1, Ordering::Relaxed);
                     continue;
                 };
-                let mut req = tonic::Request::new(IstioCertificateRequest {
-                    csr: b.csr.clone(),
-                    validity_duration: 3600,
-                    metadata: None,
-                });
-                req.metadata_mut()
-                    .insert("authorization", format!("Bearer {token}").parse().unwrap());
+                let req = b.request(&token);
                 let mut client = IstioCertificateServiceClient::new(channel.clone());
                 let counter = if client.create_certificate(req).await.is_ok() {
                     ok
