@@ -181,7 +181,6 @@ impl CaService {
         let token = bearer_token(metadata)?;
         let cluster = cluster_header(metadata)?;
         let caller = inner.authn.authenticate(cluster, token).await?;
-        tracing::Span::current().record("caller", tracing::field::display(&caller.identity));
         let identity = self.target_identity(&caller, req).await?;
         self.check_rate(&caller, &identity)?;
         let csr = check_csr(&req.csr, &identity)?;
@@ -275,7 +274,13 @@ impl CaService {
                 "impersonation is not enabled".into(),
             ));
         };
-        authz.authorize(caller, &target).await?;
+        // The node authorizer's lines name the caller and the target. A span of their own,
+        // rather than `caller` recorded on the request's span: with the JSON log format a
+        // recorded field costs a re-read of the span's fields on every request (1.4 µs of the
+        // request span's 3.1 µs, `cargo bench --bench request_span`); this costs only the
+        // impersonation requests.
+        let span = tracing::info_span!("impersonation", caller = %caller.identity, %target);
+        authz.authorize(caller, &target).instrument(span).await?;
         Ok(target)
     }
 }
@@ -381,14 +386,9 @@ impl IstioCertificateService for CaService {
         let peer = Peer(request.remote_addr());
         let request_id = next_request_id();
         // Every line logged while this request is served (TokenReview, node authorization,
-        // the signer) carries its id, the peer and, once authenticated, the caller. The audit
-        // line below is written outside the span and names the same request id.
-        let span = tracing::info_span!(
-            "create_certificate",
-            request_id,
-            %peer,
-            caller = tracing::field::Empty,
-        );
+        // the signer) carries its id and the peer. The audit line below is written outside the
+        // span and names the same request id.
+        let span = tracing::info_span!("create_certificate", request_id, %peer);
         let (metadata, _, req) = request.into_parts();
         let result = self.issue(&metadata, &req).instrument(span).await;
         let metrics = &self.inner.metrics;
@@ -643,7 +643,8 @@ mod tests {
     }
 
     #[tokio::test(flavor = "current_thread")]
-    async fn lines_logged_while_serving_a_request_carry_its_id_its_peer_and_its_caller() {
+    async fn lines_logged_while_serving_a_request_carry_its_id_and_peer_and_authorization_lines_its_caller()
+     {
         let buf = crate::telemetry::SharedBuf::default();
         let (dispatch, guard) = crate::telemetry::build_logging(
             crate::telemetry::LogFormat::Json,
@@ -703,15 +704,15 @@ mod tests {
             assert_eq!(span["peer"], "unknown", "{review}");
             // The audit line, written outside the span, names the same request.
             assert_eq!(span["request_id"], audit["request_id"], "{review} {audit}");
-            // Authentication has not finished when the reviewer logs.
-            assert!(span.get("caller").is_none(), "{review}");
         }
         assert_ne!(audited[0]["request_id"], audited[1]["request_id"]);
         let checked = find("node checked");
         assert_eq!(checked.len(), 1, "{lines:?}");
-        let span = &checked[0]["spans"][0];
-        assert_eq!(span["caller"], "spiffe://td/ns/ns/sa/sa", "{span}");
-        assert_eq!(span["request_id"], audited[1]["request_id"], "{span}");
+        let spans = &checked[0]["spans"];
+        assert_eq!(spans[0]["request_id"], audited[1]["request_id"], "{spans}");
+        assert_eq!(spans[1]["name"], "impersonation", "{spans}");
+        assert_eq!(spans[1]["caller"], "spiffe://td/ns/ns/sa/sa", "{spans}");
+        assert_eq!(spans[1]["target"], "spiffe://td/ns/other/sa/x", "{spans}");
         assert_eq!(
             audited[1]["reason"], "impersonation_denied",
             "{:?}",
