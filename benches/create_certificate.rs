@@ -30,8 +30,12 @@
 //! Authentication uses the static-token authenticator, whose per-request work (SHA-256 of the
 //! token + hash-map lookup) is the same as a warm TokenReview cache hit.
 
+#[path = "common/cpu_time.rs"]
+mod cpu_time;
+
 use std::time::{Duration, Instant};
 
+use cpu_time::{process_cpu_seconds, thread_cpu_seconds};
 use meshid::agent::{CaClient, WorkloadKeyType, generate_csr};
 use meshid::app::start_server;
 use meshid::config::ServerArgs;
@@ -120,40 +124,6 @@ fn raw_crypto(
         started.elapsed().as_secs_f64(),
         thread_cpu_seconds() - cpu_started,
     )
-}
-
-#[repr(C)]
-struct Timespec {
-    tv_sec: i64,
-    tv_nsec: i64,
-}
-
-unsafe extern "C" {
-    fn clock_gettime(clock: i32, ts: *mut Timespec) -> i32;
-}
-
-/// CPU time of the calling thread, seconds (Linux `CLOCK_THREAD_CPUTIME_ID`).
-fn thread_cpu_seconds() -> f64 {
-    const CLOCK_THREAD_CPUTIME_ID: i32 = 3;
-    cpu_seconds(CLOCK_THREAD_CPUTIME_ID)
-}
-
-/// CPU time of this whole process (every thread: runtime workers, log writers), seconds
-/// (Linux `CLOCK_PROCESS_CPUTIME_ID`).
-fn process_cpu_seconds() -> f64 {
-    const CLOCK_PROCESS_CPUTIME_ID: i32 = 2;
-    cpu_seconds(CLOCK_PROCESS_CPUTIME_ID)
-}
-
-fn cpu_seconds(clock: i32) -> f64 {
-    let mut ts = Timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid, writable timespec for the duration of the call.
-    let rc = unsafe { clock_gettime(clock, &mut ts) };
-    assert_eq!(rc, 0, "clock_gettime");
-    ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
 }
 
 /// Raw-crypto slices taken between the end-to-end runs, so that a neighbour's load coming or

@@ -22,34 +22,15 @@
 //!
 //! Run: `cargo bench --bench request_span -- --server-us 180`.
 
+#[path = "common/cpu_time.rs"]
+mod cpu_time;
+
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use cpu_time::thread_cpu_seconds;
 use meshid::telemetry::{LogFormat, init_logging_to};
 use tracing::Instrument as _;
-
-#[repr(C)]
-struct Timespec {
-    tv_sec: i64,
-    tv_nsec: i64,
-}
-
-unsafe extern "C" {
-    fn clock_gettime(clock: i32, ts: *mut Timespec) -> i32;
-}
-
-/// CPU time of the calling thread, seconds (Linux `CLOCK_THREAD_CPUTIME_ID`).
-fn thread_cpu_seconds() -> f64 {
-    const CLOCK_THREAD_CPUTIME_ID: i32 = 3;
-    let mut ts = Timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
-    // SAFETY: `ts` is a valid, writable timespec for the duration of the call.
-    let rc = unsafe { clock_gettime(CLOCK_THREAD_CPUTIME_ID, &mut ts) };
-    assert_eq!(rc, 0, "clock_gettime");
-    ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9
-}
 
 fn arg<T: std::str::FromStr>(args: &[String], name: &str, default: T) -> T {
     args.iter()
