@@ -151,8 +151,11 @@ async fn a_remote_secret_created_at_run_time_registers_cluster_b_and_its_deletio
         .await
         .unwrap();
 
+    // The two Secrets' events arrive in their own time: wait for both, B probed ready and C
+    // refused (B's probe can finish before the watcher has seen C's Secret).
     eventually(WAIT, || async {
         ensure!(state(&registry, "cluster-b")? == RemoteState::Ready);
+        state(&registry, "cluster-c")?;
         Ok(())
     })
     .await
