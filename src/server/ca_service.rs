@@ -285,8 +285,8 @@ impl CaService {
     }
 }
 
-/// The caller's address in audit lines.
-struct Peer(Option<std::net::SocketAddr>);
+/// The caller's address in audit lines (every refusal below the handler names it the same way).
+pub(super) struct Peer(pub(super) Option<std::net::SocketAddr>);
 
 impl std::fmt::Display for Peer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

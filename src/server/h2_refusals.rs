@@ -28,6 +28,7 @@ use std::task::{Context, Poll};
 use tokio::io::AsyncWrite;
 
 use super::Refusals;
+use super::ca_service::Peer;
 use super::io_wrapper::pass_reads_through;
 
 const DATA: u8 = 0x0;
@@ -231,11 +232,10 @@ impl<T> RefusalWatch<T> {
         scan.scan(written, |refusal| {
             refusals.count(refusal.reason());
             if refusal == H2Refusal::HeaderListTooLarge {
-                let peer = peer.map_or_else(|| "unknown".to_owned(), |p| p.to_string());
                 tracing::warn!(
                     target: "meshid::audit",
                     reason = refusal.reason(),
-                    peer = %peer,
+                    peer = %Peer(*peer),
                     "request refused"
                 );
             }

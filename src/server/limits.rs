@@ -45,6 +45,7 @@ use tonic::codegen::{BoxFuture, Service};
 use tonic::transport::server::{Connected, TcpConnectInfo, TlsConnectInfo};
 use tonic::{Code, Status};
 
+use super::ca_service::Peer;
 use super::{CoalescingIo, RefusalWatch};
 use crate::identity::truncate_echo;
 use crate::telemetry::ServerMetrics;
@@ -518,11 +519,10 @@ fn refuse_request(
     method: &str,
 ) {
     refusals.count(reason);
-    let peer = peer.map_or_else(|| "unknown".to_owned(), |p| p.to_string());
     tracing::warn!(
         target: "meshid::audit",
         reason,
-        peer = %peer,
+        peer = %Peer(peer),
         method = %truncate_echo(method, MAX_ECHO),
         "request refused"
     );
