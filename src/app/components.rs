@@ -458,7 +458,6 @@ pub(super) struct ServingCertRenewal {
 impl ServingCertRenewal {
     /// Renews until shutdown.
     pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
-        let mut failures = 0;
         loop {
             let now = time::OffsetDateTime::now_utc();
             let wait = schedule::until(now, schedule::point_of_lifetime(now, self.not_after, 0.5));
@@ -469,7 +468,6 @@ impl ServingCertRenewal {
             match issue_serving_cert(self.signer.as_ref(), &self.hosts).await {
                 Ok((chain, key, new_not_after)) => match self.resolver.replace(&chain, &key) {
                     Ok(()) => {
-                        failures = 0;
                         self.not_after = new_not_after;
                         set_expiry(&self.metrics, "serving", new_not_after);
                         tracing::info!(not_after = %new_not_after, "renewed serving certificate");
@@ -478,11 +476,9 @@ impl ServingCertRenewal {
                 },
                 Err(e) => {
                     tracing::error!(error = %e, "serving certificate renewal failed; retrying");
-                    let delay = SERVING_RETRY.jittered(failures);
-                    failures = failures.saturating_add(1);
                     tokio::select! {
                         _ = shutdown.wait_for(|s| *s) => return,
-                        _ = tokio::time::sleep(delay) => {}
+                        _ = tokio::time::sleep(SERVING_RETRY.ceiling(0)) => {}
                     }
                 }
             }
