@@ -151,7 +151,8 @@ impl Harness {
     /// Connects to the harness whose admin kubeconfig and service account signing key are
     /// these files. Panics when the kubeconfig is unusable.
     pub async fn from_paths(kubeconfig: PathBuf, sa_signing_key: PathBuf) -> Harness {
-        install_crypto_provider();
+        // kube's rustls needs the process-wide crypto provider meshid installs.
+        meshid::app::install_crypto_provider();
         let config = load_config(&kubeconfig)
             .await
             .unwrap_or_else(|e| panic!("kubeconfig {}: {e:#}", kubeconfig.display()));
@@ -613,11 +614,6 @@ impl Drop for Instance {
                 .status();
         }
     }
-}
-
-/// kube's rustls needs a process-wide crypto provider; the crate uses aws-lc-rs.
-fn install_crypto_provider() {
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
 }
 
 async fn load_config(path: &Path) -> anyhow::Result<Config> {
